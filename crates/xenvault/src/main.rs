@@ -1,0 +1,2 @@
+//! `xenvault`: back up Xen virtual machines.
+fn main() {}
