@@ -100,7 +100,10 @@ impl RawDecoder {
 
     /// A decoder with the given granularity (a power of two, 512 B ..= the
     /// largest data extent) and largest data extent.
-    pub fn with_granularity(granularity: u64, max_data_extent: usize) -> Result<RawDecoder, RawError> {
+    pub fn with_granularity(
+        granularity: u64,
+        max_data_extent: usize,
+    ) -> Result<RawDecoder, RawError> {
         if granularity < 512
             || !granularity.is_power_of_two()
             || granularity > max_data_extent as u64
@@ -292,6 +295,7 @@ impl RawEncoder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -246,7 +246,13 @@ fn parse_header(block: &[u8; BLOCK], offset: u64) -> Result<TarHeader, TarError>
     let unsigned: u64 = block
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u64::from(b)
+            }
+        })
         .sum();
     // Some old writers summed signed chars; GNU tar accepts both.
     let signed: i64 = block
@@ -393,6 +399,7 @@ pub fn header(name: &str, size: u64, mtime: u64) -> Result<[u8; BLOCK], TarError
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -427,37 +434,56 @@ mod tests {
     fn round_trip_and_split_feeding() {
         let a = archive();
         let bulk = collect(&a, a.len()).unwrap();
-        assert_eq!(bulk, ["E ova.xml 3", "D 3", "/", "E Ref:1/00000000 0", "/", "END"]);
+        assert_eq!(
+            bulk,
+            ["E ova.xml 3", "D 3", "/", "E Ref:1/00000000 0", "/", "END"]
+        );
         let bytewise = collect(&a, 1).unwrap();
-        let joined: Vec<String> = bytewise.into_iter().filter(|s| !s.starts_with('D')).collect();
-        assert_eq!(joined, ["E ova.xml 3", "/", "E Ref:1/00000000 0", "/", "END"]);
+        let joined: Vec<String> = bytewise
+            .into_iter()
+            .filter(|s| !s.starts_with('D'))
+            .collect();
+        assert_eq!(
+            joined,
+            ["E ova.xml 3", "/", "E Ref:1/00000000 0", "/", "END"]
+        );
     }
 
     #[test]
-    fn gnu_tar_checks_our_header() {
+    fn header_checksum_field_is_the_byte_sum() {
         let h = header("Ref:10/00000001.xxhash", 16, 0).unwrap();
         let parsed = parse_header(&h, 0).unwrap();
         assert_eq!(parsed.name, "Ref:10/00000001.xxhash");
         assert_eq!(parsed.size, 16);
-        assert_eq!(&h[148..156], format!("{:06o}\0 ", {
-            let mut c = h;
-            c[148..156].fill(b' ');
-            c.iter().map(|&b| u64::from(b)).sum::<u64>()
-        }).as_bytes());
+        assert_eq!(
+            &h[148..156],
+            format!("{:06o}\0 ", {
+                let mut c = h;
+                c[148..156].fill(b' ');
+                c.iter().map(|&b| u64::from(b)).sum::<u64>()
+            })
+            .as_bytes()
+        );
     }
 
     #[test]
     fn corrupt_header_is_an_error() {
         let mut a = archive();
         a[10] ^= 0x40;
-        assert!(matches!(collect(&a, 7), Err(TarError::BadChecksum { offset: 0, .. })));
+        assert!(matches!(
+            collect(&a, 7),
+            Err(TarError::BadChecksum { offset: 0, .. })
+        ));
     }
 
     #[test]
     fn lone_zero_block_then_data_is_an_error() {
         let mut a = vec![0u8; BLOCK];
         a.extend_from_slice(&header("x", 0, 0).unwrap());
-        assert!(matches!(collect(&a, 100), Err(TarError::LoneZeroBlock { offset: 512 })));
+        assert!(matches!(
+            collect(&a, 100),
+            Err(TarError::LoneZeroBlock { offset: 512 })
+        ));
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! Raw codec round trips: seeded disks with holes, any feeding, any granularity.
+#![allow(clippy::unwrap_used)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -22,7 +23,12 @@ fn seeded_disk(seed: u64, size: usize, block: usize) -> Vec<u8> {
     d
 }
 
-fn decode(disk: &[u8], granularity: u64, max: usize, mut steps: impl FnMut() -> usize) -> Vec<Extent> {
+fn decode(
+    disk: &[u8],
+    granularity: u64,
+    max: usize,
+    mut steps: impl FnMut() -> usize,
+) -> Vec<Extent> {
     let mut dec = RawDecoder::with_granularity(granularity, max).unwrap();
     let mut out = Vec::new();
     let mut pos = 0;
@@ -54,16 +60,25 @@ fn check_shape(extents: &[Extent], granularity: u64, max: usize, size: u64) {
     for (i, e) in extents.iter().enumerate() {
         assert_eq!(e.offset, pos, "extents are contiguous");
         assert!(!e.is_empty());
-        assert!(e.offset % granularity == 0, "extents start on block boundaries");
+        assert!(
+            e.offset.is_multiple_of(granularity),
+            "extents start on block boundaries"
+        );
         if e.end() != size {
-            assert!(e.end() % granularity == 0, "extents end on block boundaries");
+            assert!(
+                e.end().is_multiple_of(granularity),
+                "extents end on block boundaries"
+            );
         }
         match &e.data {
             ExtentData::Data(b) => {
                 assert!(b.len() <= max);
                 // Every block of a data extent has a non-zero byte.
                 for blk in b.chunks(granularity as usize) {
-                    assert!(blk.iter().any(|&x| x != 0), "zero block inside a data extent");
+                    assert!(
+                        blk.iter().any(|&x| x != 0),
+                        "zero block inside a data extent"
+                    );
                 }
             }
             ExtentData::Zero(_) => {
@@ -128,7 +143,11 @@ fn all_zero_and_empty_disks() {
     assert_eq!(ex, [Extent::zero(0, 5 << 20)]);
     assert!(RawDecoder::new().finish().is_empty());
     // A sparse extent list with gaps encodes with zero fill.
-    let ex = [Extent::data(10, vec![1, 2]), Extent::zero(20, 5), Extent::data(30, vec![3])];
+    let ex = [
+        Extent::data(10, vec![1, 2]),
+        Extent::zero(20, 5),
+        Extent::data(30, vec![3]),
+    ];
     let bytes = encode(&ex, 40);
     let mut want = vec![0u8; 40];
     want[10] = 1;

@@ -623,3 +623,126 @@ fn mutated_vhds_never_panic() {
         let _ = decode_split(&v, &mut |l| rng.random_range(1..=l.min(3000)));
     }
 }
+
+/// Writes small fuzz seeds (4 KiB blocks) for `fuzz/fuzz_targets/vhd_decoder.rs` into
+/// `$XENVAULT_VHD_SEEDS`: `XENVAULT_VHD_SEEDS=fuzz/corpus/vhd_decoder cargo test -p
+/// xenvault-formats --test vhd_codec -- --ignored write_vhd_fuzz_seeds`.
+/// Each seed starts with the target's two control bytes (flags, split seed).
+#[test]
+#[ignore = "generates fuzz corpus files on request"]
+fn write_vhd_fuzz_seeds() {
+    let Ok(dir) = std::env::var("XENVAULT_VHD_SEEDS") else {
+        eprintln!("set XENVAULT_VHD_SEEDS to a directory");
+        return;
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let size = 48 << 10;
+    let mut raw = random_disk(size, 12);
+    for at in [0, 5000, 13000, 30000, 47000] {
+        raw[at] = 0x42;
+    }
+    let mut dynamic = VhdSpec::dynamic(size, Uuid::from_u128(1));
+    dynamic.block_size = 4096;
+    let parent = ParentSpec {
+        unique_id: Uuid::from_u128(1),
+        timestamp: 0,
+        unicode_name: "p.vhd".into(),
+        locators: vec![LocatorSpec {
+            platform: PlatformCode::MACX,
+            path: "./p.vhd".into(),
+        }],
+    };
+    let mut diff = VhdSpec::differencing(size, Uuid::from_u128(2), parent);
+    diff.block_size = 4096;
+    let delta = [Extent::data(4096, vec![7; 1024]), Extent::zero(20480, 512)];
+    let mut fixed = raw[..8192].to_vec();
+    let mut f = Footer::parse(
+        &encode_extents(VhdSpec::dynamic(8192, Uuid::nil()), &[]).unwrap()[..512],
+        0,
+    )
+    .unwrap();
+    f.disk_type = DiskType::Fixed;
+    f.data_offset = u64::MAX;
+    f.current_size = 8192;
+    fixed.extend_from_slice(&f.to_bytes());
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "dynamic",
+            encode_extents(dynamic.clone(), &raw_extents(&raw)).unwrap(),
+        ),
+        ("empty", encode_extents(dynamic, &[]).unwrap()),
+        ("differencing", encode_extents(diff, &delta).unwrap()),
+        ("fixed", fixed),
+    ];
+    for (name, vhd) in seeds {
+        for flags in [0u8, 1] {
+            let mut seed = vec![flags, 0x5D];
+            seed.extend_from_slice(&vhd);
+            std::fs::write(format!("{dir}/{name}-{flags}"), seed).unwrap();
+        }
+    }
+}
+
+/// Found by the fuzzer: a parent locator offset near u64::MAX must be ignored, not overflow.
+#[test]
+fn absurd_locator_offset_is_ignored() {
+    let parent = ParentSpec {
+        unique_id: Uuid::from_u128(1),
+        timestamp: 0,
+        unicode_name: "p.vhd".into(),
+        locators: vec![LocatorSpec {
+            platform: PlatformCode::MACX,
+            path: "./p.vhd".into(),
+        }],
+    };
+    let mut v = encode_extents(
+        VhdSpec::differencing(2 * MIB, Uuid::from_u128(2), parent),
+        &[Extent::data(0, vec![3; 512])],
+    )
+    .unwrap();
+    let loc0 = 512 + 576;
+    v[loc0 + 16..loc0 + 24].copy_from_slice(&(u64::MAX - 10).to_be_bytes());
+    header_checksum_fix(&mut v[512..512 + HEADER_SIZE]);
+    let (ext, dec) = decode_whole(&v).unwrap();
+    assert_eq!(shape(&ext), vec![(0, 512, true)]);
+    let p = dec.parent().unwrap();
+    assert_eq!(p.locators.len(), 1);
+    assert_eq!(p.locators[0].data, None);
+}
+
+/// A stream shaped like xapi's `export_raw_vdi?format=vhd&base=`: creator `caml` 1,
+/// no batmap, locator 0 pointing at the zeroed sector 1536.
+#[test]
+fn xapi_style_delta_stream_decodes() {
+    let parent = ParentSpec {
+        unique_id: Uuid::from_u128(0x77),
+        timestamp: 0,
+        unicode_name: "/var/run/sr-mount/sr/base.vhd".into(),
+        locators: vec![LocatorSpec {
+            platform: PlatformCode::MACX,
+            path: "/var/run/sr-mount/sr/base.vhd".into(),
+        }],
+    };
+    let delta = [Extent::data(2 * MIB, vec![0xEE; 4096])];
+    let mut v = encode_extents(
+        VhdSpec::differencing(4 * MIB, Uuid::from_u128(0x78), parent),
+        &delta,
+    )
+    .unwrap();
+    let n = v.len();
+    for at in [0, n - 512] {
+        v[at + 28..at + 32].copy_from_slice(b"caml");
+        v[at + 32..at + 36].copy_from_slice(&1u32.to_be_bytes());
+        footer_checksum_fix(&mut v[at..at + 512]);
+    }
+    v[1536..2048].fill(0); // xapi leaves the locator sector empty
+    v[2560..3584].fill(0); // and writes no batmap
+    let (ext, dec) = decode_whole(&v).unwrap();
+    assert_eq!(shape(&ext), vec![(2 * MIB, 4096, true)]);
+    let p = dec.parent().unwrap();
+    assert_eq!(p.unique_id, Uuid::from_u128(0x77));
+    assert_eq!(p.unicode_name, "/var/run/sr-mount/sr/base.vhd");
+    assert_eq!(p.locators.len(), 1);
+    assert_eq!(p.locators[0].path, None, "zeroed locator sector: no path");
+    assert!(!dec.footer().unwrap().claims_batmap());
+}

@@ -1,5 +1,6 @@
 //! XVA encoder and decoder against each other, hand-made archives, and every
 //! rejection the decoder promises.
+#![allow(clippy::unwrap_used)]
 
 mod xva_support;
 
@@ -42,7 +43,11 @@ fn assert_same_disks(archive: &[u8], step: usize, disks: &[Vec<u8>]) {
 fn round_trip_three_disks_in_string_order() {
     let (ova, disks) = fixture();
     let ids: Vec<String> = ova.disks().unwrap().into_iter().map(|d| d.id).collect();
-    assert_eq!(ids, ["Ref:12", "Ref:14", "Ref:9"], "Ref:10-style ids sort as strings");
+    assert_eq!(
+        ids,
+        ["Ref:12", "Ref:14", "Ref:9"],
+        "Ref:10-style ids sort as strings"
+    );
     let archive = encode(&ova, &disks, opts());
     assert_same_disks(&archive, archive.len(), &disks);
     assert_same_disks(&archive, 65536 + 17, &disks);
@@ -67,11 +72,20 @@ fn round_trip_three_disks_in_string_order() {
     for w in ents[1..].chunks(2) {
         assert_eq!(w[1].0, format!("{}.xxhash", w[0].0));
         assert_eq!(w[1].3.len(), 16);
-        assert!(w[1].3.iter().all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c)));
-        assert_eq!(w[1].3, checksum_text(ChecksumKind::XxHash, &w[0].3).as_bytes());
+        assert!(
+            w[1].3
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
+        );
+        assert_eq!(
+            w[1].3,
+            checksum_text(ChecksumKind::XxHash, &w[0].3).as_bytes()
+        );
     }
     // The last chunk of the 3 MiB + 12345 disk is short.
-    let last12 = ents.iter().rfind(|e| e.0.starts_with("Ref:14/") && !e.0.contains('.'));
+    let last12 = ents
+        .iter()
+        .rfind(|e| e.0.starts_with("Ref:14/") && !e.0.contains('.'));
     assert!(last12.is_some());
     let ref12_last = ents
         .iter()
@@ -80,18 +94,28 @@ fn round_trip_three_disks_in_string_order() {
     assert_eq!(ref12_last.0, "Ref:12/00000003");
     assert_eq!(ref12_last.1, 12345);
     // The tar end.
-    assert!(archive.len() % 512 == 0 && archive[archive.len() - 1024..].iter().all(|&b| b == 0));
+    assert!(
+        archive.len().is_multiple_of(512)
+            && archive[archive.len() - 1024..].iter().all(|&b| b == 0)
+    );
 }
 
 #[test]
 fn one_byte_feeding_equals_bulk() {
     let sizes = [2 * MIB, MIB + 100];
     let ova = ova(&sizes);
-    let disks: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &s)| disk(9 + i as u64, s)).collect();
+    let disks: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| disk(9 + i as u64, s))
+        .collect();
     let archive = encode(&ova, &disks, opts());
     let bulk = events(&archive, archive.len()).unwrap();
     let bytewise = events(&archive, 1).unwrap();
-    assert!(bulk == bytewise, "events differ between 1-byte and bulk feeding");
+    assert!(
+        bulk == bytewise,
+        "events differ between 1-byte and bulk feeding"
+    );
     let odd = events(&archive, 511).unwrap();
     assert!(bulk == odd);
 }
@@ -108,7 +132,10 @@ fn legacy_sha1_checksums() {
         if name.contains('.') {
             assert!(name.ends_with(".checksum"));
             assert_eq!(data.len(), 40);
-            assert!(data.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)));
+            assert!(
+                data.iter()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+            );
         }
     }
     assert_same_disks(&archive, 4096, &disks);
@@ -184,7 +211,13 @@ fn xva_img_style_zero_chunks_become_zero_extents() {
     let ev = events(&archive, archive.len()).unwrap();
     let ext: Vec<&Extent> = ev
         .iter()
-        .filter_map(|e| if let XvaEvent::Extent(x) = e { Some(x) } else { None })
+        .filter_map(|e| {
+            if let XvaEvent::Extent(x) = e {
+                Some(x)
+            } else {
+                None
+            }
+        })
         .collect();
     assert_eq!(*ext[0], Extent::zero(0, 2 * MIB), "zero chunks merged");
     assert_eq!(*ext[1], Extent::data(2 * MIB, d));
@@ -234,7 +267,10 @@ fn flipped_data_byte_is_a_checksum_error_naming_disk_and_chunk() {
     let ents = entries(&archive);
     // Find the data of Ref:14/00000003 in the archive and flip one byte.
     let target = ents.iter().find(|e| e.0 == "Ref:14/00000003").unwrap();
-    let k = (0..target.3.len()).step_by(64).find(|&k| target.3[k..k + 64].iter().any(|&b| b != 0)).unwrap();
+    let k = (0..target.3.len())
+        .step_by(64)
+        .find(|&k| target.3[k..k + 64].iter().any(|&b| b != 0))
+        .unwrap();
     let pos = archive
         .windows(64)
         .position(|w| w == &target.3[k..k + 64])
@@ -242,8 +278,13 @@ fn flipped_data_byte_is_a_checksum_error_naming_disk_and_chunk() {
     let mut bad = archive.clone();
     bad[pos + 10] ^= 1;
     match events(&bad, 10_000) {
-        Err(XvaError::ChecksumMismatch { disk, chunk, kind, .. }) => {
-            assert_eq!((disk.as_str(), chunk.as_str(), kind), ("Ref:14", "00000003", "xxhash"));
+        Err(XvaError::ChecksumMismatch {
+            disk, chunk, kind, ..
+        }) => {
+            assert_eq!(
+                (disk.as_str(), chunk.as_str(), kind),
+                ("Ref:14", "00000003", "xxhash")
+            );
         }
         other => panic!("expected a checksum mismatch, got {other:?}"),
     }
@@ -265,13 +306,31 @@ fn checksums_compare_case_sensitively() {
     assert_eq!(upper, upper.to_uppercase());
     let lower = upper.to_lowercase();
     assert_ne!(upper, lower, "the fixture's hash must contain letters");
-    let mk = |s: &str| tar(&[("ova.xml", xml.as_bytes()), ("Ref:9/00000000", &d), ("Ref:9/00000000.xxhash", s.as_bytes())]);
+    let mk = |s: &str| {
+        tar(&[
+            ("ova.xml", xml.as_bytes()),
+            ("Ref:9/00000000", &d),
+            ("Ref:9/00000000.xxhash", s.as_bytes()),
+        ])
+    };
     assert!(events(&mk(&upper), 100_000).is_ok());
-    assert!(matches!(events(&mk(&lower), 100_000), Err(XvaError::ChecksumMismatch { .. })));
+    assert!(matches!(
+        events(&mk(&lower), 100_000),
+        Err(XvaError::ChecksumMismatch { .. })
+    ));
     let sha = checksum_text(ChecksumKind::Sha1, &d);
-    let mk = |s: &str| tar(&[("ova.xml", xml.as_bytes()), ("Ref:9/00000000", &d), ("Ref:9/00000000.checksum", s.as_bytes())]);
+    let mk = |s: &str| {
+        tar(&[
+            ("ova.xml", xml.as_bytes()),
+            ("Ref:9/00000000", &d),
+            ("Ref:9/00000000.checksum", s.as_bytes()),
+        ])
+    };
     assert!(events(&mk(&sha), 100_000).is_ok());
-    assert!(matches!(events(&mk(&sha.to_uppercase()), 100_000), Err(XvaError::ChecksumMismatch { kind: "sha1", .. })));
+    assert!(matches!(
+        events(&mk(&sha.to_uppercase()), 100_000),
+        Err(XvaError::ChecksumMismatch { kind: "sha1", .. })
+    ));
 }
 
 fn one_chunk_archive(entries_after_ova: &[(&str, &[u8])]) -> Vec<u8> {
@@ -285,18 +344,34 @@ fn one_chunk_archive(entries_after_ova: &[(&str, &[u8])]) -> Vec<u8> {
 fn rejections() {
     let d = vec![1u8; MIB as usize];
     let s = checksum_text(ChecksumKind::XxHash, &d);
-    let good = one_chunk_archive(&[("Ref:9/00000000", &d), ("Ref:9/00000000.xxhash", s.as_bytes())]);
+    let good = one_chunk_archive(&[
+        ("Ref:9/00000000", &d),
+        ("Ref:9/00000000.xxhash", s.as_bytes()),
+    ]);
     assert!(events(&good, 4096).is_ok());
 
     // First entry not ova.xml.
     let a = tar(&[("Ref:9/00000000", &d)]);
     assert!(matches!(events(&a, 4096), Err(XvaError::NotAnXva { .. })));
+    // Compressed input gets a clear error.
+    let mut gz = vec![0x1f, 0x8b, 8, 0];
+    gz.extend_from_slice(&[0x55; 600]);
+    match events(&gz, 1) {
+        Err(XvaError::NotAnXva { found }) => assert_eq!(found, "gzip-compressed data"),
+        other => panic!("{other:?}"),
+    }
     // Unknown checksum extension.
     let a = one_chunk_archive(&[("Ref:9/00000000", &d), ("Ref:9/00000000.md5", b"x")]);
-    assert!(matches!(events(&a, 4096), Err(XvaError::UnknownChecksum { .. })));
+    assert!(matches!(
+        events(&a, 4096),
+        Err(XvaError::UnknownChecksum { .. })
+    ));
     // Chunk without a checksum.
     let a = one_chunk_archive(&[("Ref:9/00000000", &d[..10]), ("Ref:9/00000001", &d)]);
-    assert!(matches!(events(&a, 4096), Err(XvaError::UnexpectedEntry { .. })));
+    assert!(matches!(
+        events(&a, 4096),
+        Err(XvaError::UnexpectedEntry { .. })
+    ));
     // Names not strictly increasing.
     let h = checksum_text(ChecksumKind::XxHash, &d[..10]);
     let e = checksum_text(ChecksumKind::XxHash, &[]);
@@ -309,23 +384,35 @@ fn rejections() {
     assert!(matches!(events(&a, 4096), Err(XvaError::ChunkOrder { .. })));
     // A chunk of another disk.
     let a = one_chunk_archive(&[("Ref:99/00000000", &d)]);
-    assert!(matches!(events(&a, 4096), Err(XvaError::UnexpectedEntry { .. })));
+    assert!(matches!(
+        events(&a, 4096),
+        Err(XvaError::UnexpectedEntry { .. })
+    ));
     // Chunk past the virtual size.
     let big = vec![1u8; MIB as usize + 1];
     let a = one_chunk_archive(&[("Ref:9/00000000", &big)]);
     assert!(matches!(events(&a, 4096), Err(XvaError::TooLarge(_))));
     // Last chunk missing: tar end while the disk is incomplete.
-    let a = one_chunk_archive(&[("Ref:9/00000000", &d[..10]), ("Ref:9/00000000.xxhash", h.as_bytes())]);
+    let a = one_chunk_archive(&[
+        ("Ref:9/00000000", &d[..10]),
+        ("Ref:9/00000000.xxhash", h.as_bytes()),
+    ]);
     assert!(matches!(events(&a, 4096), Err(XvaError::Truncated(_))));
     // An entry after the last disk.
     let mut extra = good[..good.len() - 1024].to_vec();
     extra.extend_from_slice(&tar(&[("Ref:9/00000001", &[])]));
-    assert!(matches!(events(&extra, 4096), Err(XvaError::UnexpectedEntry { .. })));
+    assert!(matches!(
+        events(&extra, 4096),
+        Err(XvaError::UnexpectedEntry { .. })
+    ));
     // Pre-Miami export_vsn.
     let mut old = ova(&[MIB]);
     old.version.export_vsn = 1;
     let a = tar(&[("ova.xml", old.to_xml().as_bytes())]);
-    assert!(matches!(events(&a, 4096), Err(XvaError::UnsupportedExportVsn(1))));
+    assert!(matches!(
+        events(&a, 4096),
+        Err(XvaError::UnsupportedExportVsn(1))
+    ));
     // Broken ova.xml.
     let a = tar(&[("ova.xml", b"<value><struct>")]);
     assert!(matches!(events(&a, 4096), Err(XvaError::OvaXml(_))));
@@ -357,7 +444,10 @@ fn absurd_sizes_are_refused_before_allocation() {
         max_ova_xml_size: 100,
         ..XvaDecoderOptions::default()
     });
-    assert!(matches!(dec.feed(&tar(&[("ova.xml", xml.as_bytes())])), Err(XvaError::TooLarge(_))));
+    assert!(matches!(
+        dec.feed(&tar(&[("ova.xml", xml.as_bytes())])),
+        Err(XvaError::TooLarge(_))
+    ));
     // The error sticks.
     assert!(dec.feed(b"more").is_err());
 }
@@ -372,7 +462,11 @@ fn truncation_anywhere_is_an_error_never_a_panic() {
     while cut < archive.len() {
         let mut dec = XvaDecoder::new();
         let r = dec.feed(&archive[..cut]).and_then(|_| dec.finish());
-        assert!(r.is_err(), "a stream cut at {cut} of {} must not decode", archive.len());
+        assert!(
+            r.is_err(),
+            "a stream cut at {cut} of {} must not decode",
+            archive.len()
+        );
         cut += 509;
     }
     // Trailing bytes after the tar end (GNU tar pads records) are ignored.
@@ -429,7 +523,11 @@ fn ova_xml_builder_rewrites_like_xapi_export() {
     let s = |v: &Value, f: &str| v.get(f).cloned().unwrap();
     assert_eq!(s(vm, "power_state"), Value::str("Halted"));
     assert_eq!(s(vm, "is_a_snapshot"), Value::Bool(false));
-    assert_eq!(s(vm, "is_a_template"), Value::Bool(true), "is_a_template is kept");
+    assert_eq!(
+        s(vm, "is_a_template"),
+        Value::Bool(true),
+        "is_a_template is kept"
+    );
     assert_eq!(s(vm, "snapshot_of"), Value::str(NULL_REF));
     assert_eq!(s(vm, "parent"), Value::str(NULL_REF));
     assert_eq!(s(vm, "snapshots"), Value::Array(vec![]));
@@ -444,7 +542,11 @@ fn ova_xml_builder_rewrites_like_xapi_export() {
     assert_eq!(s(vm, "memory_static_max"), Value::str("1073741824"));
     assert_eq!(
         s(vm, "VBDs"),
-        Value::Array(["Ref:8", "Ref:11", "Ref:13", "Ref:14"].map(Value::str).to_vec())
+        Value::Array(
+            ["Ref:8", "Ref:11", "Ref:13", "Ref:14"]
+                .map(Value::str)
+                .to_vec()
+        )
     );
     assert_eq!(s(vm, "VIFs"), Value::Array(vec![Value::str("Ref:6")]));
     let vbd = &ova.object("Ref:8").unwrap().snapshot;
@@ -457,8 +559,16 @@ fn ova_xml_builder_rewrites_like_xapi_export() {
     assert_eq!(s(cd, "VDI"), Value::str(NULL_REF));
     let vdi = &ova.object("Ref:9").unwrap().snapshot;
     assert_eq!(s(vdi, "SR"), Value::str("Ref:10"));
-    assert_eq!(s(vdi, "VBDs"), Value::Array(vec![Value::str("Ref:8")]), "unexported refs dropped");
-    assert_eq!(s(vdi, "snapshot_of"), Value::str("OpaqueRef:orig-vdi"), "xapi keeps it verbatim");
+    assert_eq!(
+        s(vdi, "VBDs"),
+        Value::Array(vec![Value::str("Ref:8")]),
+        "unexported refs dropped"
+    );
+    assert_eq!(
+        s(vdi, "snapshot_of"),
+        Value::str("OpaqueRef:orig-vdi"),
+        "xapi keeps it verbatim"
+    );
     let sr = &ova.object("Ref:10").unwrap().snapshot;
     assert_eq!(s(sr, "PBDs"), Value::Array(vec![]));
     assert_eq!(s(sr, "VDIs"), Value::Array(vec![Value::str("Ref:9")]));
@@ -477,9 +587,22 @@ fn ova_xml_builder_rewrites_like_xapi_export() {
 
     // Version and text round trip.
     assert_eq!(ova.version, OvaVersion::default());
-    assert_eq!((ova.version.xapi_major, ova.version.xapi_minor, ova.version.export_vsn), (1, 20, 2));
+    assert_eq!(
+        (
+            ova.version.xapi_major,
+            ova.version.xapi_minor,
+            ova.version.export_vsn
+        ),
+        (1, 20, 2)
+    );
     assert!(ova.version.importable_by(1, 249) && ova.version.importable_by(25, 0));
-    assert!(!OvaVersion { xapi_major: 25, ..OvaVersion::default() }.importable_by(1, 249));
+    assert!(
+        !OvaVersion {
+            xapi_major: 25,
+            ..OvaVersion::default()
+        }
+        .importable_by(1, 249)
+    );
     let xml = ova.to_xml();
     assert!(xml.starts_with("<value><struct><member><name>version</name>"));
     assert!(xml.contains("<name>export_vsn</name><value>2</value>"));
@@ -499,7 +622,11 @@ fn builder_preserve_power_state_and_missing_records() {
     let vm = &ova.objects[0].snapshot;
     assert_eq!(vm.get("power_state"), Some(&Value::str("Running")));
     assert_eq!(vm.get("is_a_snapshot"), Some(&Value::Bool(true)));
-    assert_eq!(vm.get("snapshot_of"), Some(&Value::str(NULL_REF)), "not exported");
+    assert_eq!(
+        vm.get("snapshot_of"),
+        Some(&Value::str(NULL_REF)),
+        "not exported"
+    );
     rec.vdis.remove(0);
     assert!(matches!(
         b.build(&rec),
@@ -522,7 +649,14 @@ fn encoder_misuse_is_an_error() {
     assert!(enc.finish().is_err(), "Ref:9 not written");
     // Huge zero runs come out in bounded pieces.
     let big = ova_with_size(1 << 40);
-    let mut enc = XvaEncoder::new(&big, XvaEncoderOptions { omit_zero_chunks: false, ..opts() }).unwrap();
+    let mut enc = XvaEncoder::new(
+        &big,
+        XvaEncoderOptions {
+            omit_zero_chunks: false,
+            ..opts()
+        },
+    )
+    .unwrap();
     let id = enc.disks()[0].id.clone();
     enc.start_disk(&id).unwrap();
     enc.push(Extent::zero(0, 1 << 40)).unwrap();
@@ -560,4 +694,19 @@ fn assert_same_disk_sizes(archive: &[u8]) {
         }
     }
     assert_eq!(covered, 1 << 40);
+}
+
+#[test]
+fn zero_size_disk_has_no_entries_but_is_reported() {
+    let sizes = [0, MIB];
+    let ova = ova(&sizes);
+    let disks = vec![Vec::new(), disk(8, MIB)];
+    let archive = encode(&ova, &disks, opts());
+    assert!(entries(&archive).iter().all(|e| !e.0.starts_with("Ref:9/")));
+    let ev = events(&archive, 1000).unwrap();
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, XvaEvent::DiskEnd(d) if d.id == "Ref:9"))
+    );
+    assert_same_disks(&archive, 1000, &disks);
 }

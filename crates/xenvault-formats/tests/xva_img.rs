@@ -1,6 +1,7 @@
 //! XVAs checked against an outside oracle, `xva-img` (Debian 1.4.2):
 //! archives we write unpack to the same disks, archives it packs decode to
 //! the same disks. Needs `xva-img` and `tar`; fails without them under CI=true.
+#![allow(clippy::unwrap_used)]
 
 mod xva_support;
 
@@ -33,7 +34,11 @@ fn our_xva_unpacks_with_xva_img(checksum: ChecksumKind) {
     }
     let tmp = tempfile::tempdir().unwrap();
     let ova = ova(&SIZES);
-    let disks: Vec<Vec<u8>> = SIZES.iter().enumerate().map(|(i, &s)| disk(20 + i as u64, s)).collect();
+    let disks: Vec<Vec<u8>> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| disk(20 + i as u64, s))
+        .collect();
     let options = XvaEncoderOptions {
         checksum,
         ..XvaEncoderOptions::default()
@@ -72,9 +77,15 @@ fn our_xva_unpacks_with_xva_img(checksum: ChecksumKind) {
             .arg(format!("{}/", dir.join(&d.id).display()))
             .arg(&out));
         let got = std::fs::read(&out).unwrap();
-        let i = (0..disks.len()).find(|&i| vdi_uuid(i) == d.vdi_uuid).unwrap();
+        let i = (0..disks.len())
+            .find(|&i| vdi_uuid(i) == d.vdi_uuid)
+            .unwrap();
         assert_eq!(got.len(), disks[i].len(), "disk {} size", d.id);
-        assert!(got == disks[i], "disk {} differs after xva-img disk-export", d.id);
+        assert!(
+            got == disks[i],
+            "disk {} differs after xva-img disk-export",
+            d.id
+        );
     }
 }
 
@@ -82,7 +93,10 @@ fn our_xva_unpacks_with_xva_img(checksum: ChecksumKind) {
 /// xapi prints them (`%016LX`).
 #[test]
 fn xxhash_known_answers() {
-    assert_eq!(xenvault_formats::xva::checksum_text(ChecksumKind::XxHash, b""), "EF46DB3751D8E999");
+    assert_eq!(
+        xenvault_formats::xva::checksum_text(ChecksumKind::XxHash, b""),
+        "EF46DB3751D8E999"
+    );
     assert_eq!(
         xenvault_formats::xva::checksum_text(ChecksumKind::Sha1, b"abc"),
         "a9993e364706816aba3e25717850c26c9cd0d89d"
@@ -106,14 +120,23 @@ fn xva_packed_by_xva_img_decodes_to_the_same_disks() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let ova = ova(&SIZES);
-    let disks: Vec<Vec<u8>> = SIZES.iter().enumerate().map(|(i, &s)| disk(30 + i as u64, s)).collect();
+    let disks: Vec<Vec<u8>> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| disk(30 + i as u64, s))
+        .collect();
     let dir = tmp.path().join("vm");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("ova.xml"), ova.to_xml()).unwrap();
     let mut package = Command::new("xva-img");
-    package.arg("package").arg(tmp.path().join("vm.xva")).arg(dir.join("ova.xml"));
+    package
+        .arg("package")
+        .arg(tmp.path().join("vm.xva"))
+        .arg(dir.join("ova.xml"));
     for d in ova.disks().unwrap() {
-        let i = (0..disks.len()).find(|&i| vdi_uuid(i) == d.vdi_uuid).unwrap();
+        let i = (0..disks.len())
+            .find(|&i| vdi_uuid(i) == d.vdi_uuid)
+            .unwrap();
         let raw = tmp.path().join(format!("{i}.raw"));
         std::fs::write(&raw, &disks[i]).unwrap();
         let ddir = dir.join(&d.id);
@@ -126,7 +149,12 @@ fn xva_packed_by_xva_img_decodes_to_the_same_disks() {
     }
     run(&mut package);
     let archive = std::fs::read(tmp.path().join("vm.xva")).unwrap();
-    assert!(entries(&archive).iter().skip(1).any(|e| e.0.ends_with(".checksum")));
+    assert!(
+        entries(&archive)
+            .iter()
+            .skip(1)
+            .any(|e| e.0.ends_with(".checksum"))
+    );
     for step in [archive.len(), 4093] {
         let got = disks_of(&events(&archive, step).unwrap());
         for (i, d) in disks.iter().enumerate() {

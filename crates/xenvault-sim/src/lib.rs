@@ -4,6 +4,7 @@
 //!
 //! What it covers and where it differs from real XAPI: `docs/simulator.md`.
 pub mod api;
+pub mod control;
 pub mod datamodel;
 pub mod db;
 pub mod db_filter;
@@ -15,8 +16,11 @@ pub mod http;
 pub mod nbd_server;
 pub mod pool;
 pub mod rpc;
+pub mod scenario;
+pub mod server;
 pub mod state;
 pub mod tls;
 
 pub use error::{ApiError, ApiResult};
 pub use pool::Pool;
+pub use server::{SimConfig, SimInfo, Simulator};

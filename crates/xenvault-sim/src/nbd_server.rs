@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use xenvault_types::Value;
 use xenvault_xapi::nbd::proto;
 
 use crate::db::Fields;
 use crate::faults::StreamFault;
+use crate::handlers::Dom0Vbd;
 use crate::http::ByteStream;
 use crate::pool::Pool;
 
@@ -122,22 +122,14 @@ pub async fn serve(
 struct OpenExport {
     vdi_uuid: String,
     size: u64,
-    vbd: Option<String>,
+    /// Unplugged and destroyed when the connection ends (dropped with it).
+    _vbd: Dom0Vbd,
 }
 
 struct Connection {
     pool: Arc<Pool>,
     host: String,
     export: Option<OpenExport>,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        // Unplug and destroy the dom0 VBD at disconnect, whatever the reason.
-        if let Some(vbd) = self.export.as_mut().and_then(|e| e.vbd.take()) {
-            let _ = self.pool.db().destroy("VBD", &vbd);
-        }
-    }
 }
 
 fn proto_err(e: proto::ProtoError) -> io::Error {
@@ -261,42 +253,12 @@ impl Connection {
                 return None;
             }
         };
-        let mut db = self.pool.db();
-        let vdi = db.find_by_uuid("VDI", uuid)?;
-        let dom0 = db
-            .rows("VM")
-            .find(|(_, vm)| {
-                vm.bool_of("is_control_domain") && vm.str_of("resident_on") == self.host
-            })
-            .or_else(|| {
-                db.rows("VM")
-                    .find(|(_, vm)| vm.bool_of("is_control_domain"))
-            })
-            .map(|(r, _)| r.clone());
-        let vbd = dom0.and_then(|vm| {
-            db.create(
-                "VBD",
-                [
-                    ("VM", Value::str(vm)),
-                    ("VDI", Value::str(vdi)),
-                    ("mode", Value::str("RO")),
-                    ("type", Value::str("Disk")),
-                    ("userdevice", Value::str("autodetect")),
-                    ("bootable", Value::Bool(false)),
-                    ("currently_attached", Value::Bool(true)),
-                    ("empty", Value::Bool(false)),
-                    (
-                        "other_config",
-                        Value::record([("owner", Value::str("xapi-nbd"))]),
-                    ),
-                ],
-            )
-            .ok()
-        });
+        let vdi = self.pool.db().find_by_uuid("VDI", uuid)?;
+        let vbd = Dom0Vbd::plug(&self.pool, &self.host, &vdi, "RO", "xapi-nbd");
         Some(OpenExport {
             vdi_uuid: uuid.to_string(),
             size,
-            vbd,
+            _vbd: vbd,
         })
     }
 

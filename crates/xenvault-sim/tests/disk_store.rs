@@ -1,5 +1,7 @@
 //! DiskStore: copy-on-write correctness, snapshot cost, CBT bitmaps, GC, persistence.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (PREAMBLE code rules)
+
 use std::time::Instant;
 
 use xenvault_sim::disk::{

@@ -51,8 +51,8 @@ use crate::model::{
     DatamodelType, Field, MessageSpec, ParamSpec, Record, Ref, ToValue, XapiClass, param_name,
 };
 use crate::records::{
-    Host, Message, MessageClass, MessageRef, NbdInfo, Network, Pbd, Pool, Sr, SrRef, StringMap,
-    Task, TaskRef, Vbd, VbdCreate, VbdRef, Vdi, VdiCreate, VdiRef, Vif, Vm, VmOperation, VmRef,
+    Host, MessageClass, MessageRef, NbdInfo, Network, Pbd, Pool, Sr, SrRef, StringMap, Task,
+    TaskRef, Vbd, VbdCreate, VbdRef, Vdi, VdiCreate, VdiRef, Vif, Vm, VmOperation, VmRef,
 };
 use crate::session::Session;
 use crate::task::{AsyncTask, WaitOptions};
@@ -129,9 +129,14 @@ impl<T: DeserializeOwned> Call<T> {
             ..
         } = self;
         let wire = format!("{prefix}{method}");
-        match session.call_value_with_timeout(&wire, params, timeout).await {
+        match session
+            .call_value_with_timeout(&wire, params, timeout)
+            .await
+        {
             Ok(v) => Ok((method, v)),
-            Err(e) if e.is_code(&ErrorCode::MessageParameterCountMismatch) && fallback.is_some() => {
+            Err(e)
+                if e.is_code(&ErrorCode::MessageParameterCountMismatch) && fallback.is_some() =>
+            {
                 let Some(fallback) = fallback else {
                     return Err(e);
                 };
@@ -290,7 +295,11 @@ impl<C: ObjectClass> Api<C> {
 
     /// `C.get_record(self)`.
     pub fn get_record(&self, self_: &Ref<C>) -> Call<C> {
-        Call::from_spec(&self.session, get_record_spec::<C>(), vec![self_.to_value()])
+        Call::from_spec(
+            &self.session,
+            get_record_spec::<C>(),
+            vec![self_.to_value()],
+        )
     }
 
     /// `C.get_all()`.
@@ -305,12 +314,20 @@ impl<C: ObjectClass> Api<C> {
 
     /// `C.get_by_uuid(uuid)`; `UUID_INVALID` if there is none.
     pub fn get_by_uuid(&self, uuid: &str) -> Call<Ref<C>> {
-        Call::from_spec(&self.session, get_by_uuid_spec::<C>(), vec![uuid.to_value()])
+        Call::from_spec(
+            &self.session,
+            get_by_uuid_spec::<C>(),
+            vec![uuid.to_value()],
+        )
     }
 
     /// `C.get_<field>(self)`, typed by the field constant
     /// (`records::vm_fields::power_state`).
-    pub fn get_field<T: DatamodelType + DeserializeOwned>(&self, self_: &Ref<C>, field: Field<C, T>) -> Call<T> {
+    pub fn get_field<T: DatamodelType + DeserializeOwned>(
+        &self,
+        self_: &Ref<C>,
+        field: Field<C, T>,
+    ) -> Call<T> {
         Call::from_spec(
             &self.session,
             get_field_spec::<C, T>(field.name()),
@@ -349,7 +366,15 @@ pub fn where_field(field: &str, value: &str) -> Option<String> {
 /// xenvault filters are `name`, `memory`, `VCPUs`, `actions`, `PV`, `HVM`
 /// (VM) and `API_version` (host); other fields keep their name.
 pub fn db_column_name(field: &str) -> String {
-    const NAMESPACES: &[&str] = &["name", "memory", "VCPUs", "actions", "PV", "HVM", "API_version"];
+    const NAMESPACES: &[&str] = &[
+        "name",
+        "memory",
+        "VCPUs",
+        "actions",
+        "PV",
+        "HVM",
+        "API_version",
+    ];
     for ns in NAMESPACES {
         if let Some(rest) = field.strip_prefix(ns).and_then(|r| r.strip_prefix('_'))
             && !rest.is_empty()
@@ -581,7 +606,12 @@ xapi_calls! {
 
 impl EventApi {
     /// `event.from` with an HTTP timeout 30 s longer than the server-side one.
-    pub fn wait_from(&self, classes: &[String], token: &str, timeout: Duration) -> Call<EventBatch> {
+    pub fn wait_from(
+        &self,
+        classes: &[String],
+        token: &str,
+        timeout: Duration,
+    ) -> Call<EventBatch> {
         self.from(classes, token, timeout.as_secs_f64())
             .with_timeout(timeout + Duration::from_secs(30))
     }
@@ -717,6 +747,7 @@ pub fn message_specs() -> Vec<MessageSpec> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -750,7 +781,10 @@ mod tests {
         let destroy = specs.iter().find(|s| s.wire == "VDI.destroy").unwrap();
         assert_eq!(destroy.params[0].name, "self");
         assert_eq!(destroy.result, "void");
-        let gar = specs.iter().find(|s| s.wire == "VM.get_all_records").unwrap();
+        let gar = specs
+            .iter()
+            .find(|s| s.wire == "VM.get_all_records")
+            .unwrap();
         assert_eq!(gar.result, "(VM ref -> VM record) map");
     }
 }

@@ -239,6 +239,7 @@ impl ChangedBlocks {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -394,7 +394,10 @@ impl<'de> de::MapAccess<'de> for MapAccess<'de> {
             .map_err(|e| e.inside(format!("{:?} (key)", member.0)))
     }
 
-    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DecodeError> {
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, DecodeError> {
         let Some(member) = self.current.take() else {
             return Err(de::Error::custom("map value requested before its key"));
         };
@@ -413,10 +416,9 @@ struct KeyDeserializer<'de>(&'de str);
 
 impl<'de> KeyDeserializer<'de> {
     fn integer(&self) -> Result<i128, DecodeError> {
-        self.0
-            .trim()
-            .parse()
-            .map_err(|_| de::Error::custom(format!("expected an integer map key, found {:?}", self.0)))
+        self.0.trim().parse().map_err(|_| {
+            de::Error::custom(format!("expected an integer map key, found {:?}", self.0))
+        })
     }
 }
 
@@ -554,6 +556,7 @@ impl Default for RawValue {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::collections::BTreeMap;
 
@@ -561,7 +564,10 @@ mod tests {
 
     #[test]
     fn integers_from_strings_and_numbers() {
-        assert_eq!(from_value::<i64>(&Value::str("4294967296")).unwrap(), 4_294_967_296);
+        assert_eq!(
+            from_value::<i64>(&Value::str("4294967296")).unwrap(),
+            4_294_967_296
+        );
         assert_eq!(from_value::<i64>(&Value::Int(-3)).unwrap(), -3);
         assert_eq!(
             from_value::<u64>(&Value::str("18446744073709551615")).unwrap(),
@@ -577,7 +583,11 @@ mod tests {
     fn empty_value_is_an_empty_set_or_map_or_string() {
         let empty = Value::str("");
         assert!(from_value::<Vec<String>>(&empty).unwrap().is_empty());
-        assert!(from_value::<BTreeMap<String, String>>(&empty).unwrap().is_empty());
+        assert!(
+            from_value::<BTreeMap<String, String>>(&empty)
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(from_value::<String>(&empty).unwrap(), "");
         assert!(from_value::<Vec<String>>(&Value::str("x")).is_err());
     }
@@ -601,7 +611,10 @@ mod tests {
         }
         let v = Value::record([(
             "OpaqueRef:a",
-            Value::record([("items", Value::Array(vec![Value::record([("size", Value::str("big"))])]))]),
+            Value::record([(
+                "items",
+                Value::Array(vec![Value::record([("size", Value::str("big"))])]),
+            )]),
         )]);
         let err = from_value::<BTreeMap<String, BTreeMap<String, Vec<Inner>>>>(&v).unwrap_err();
         assert_eq!(err.path(), "OpaqueRef:a.items[0].size");

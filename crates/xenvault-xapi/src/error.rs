@@ -286,7 +286,10 @@ pub enum Error {
     },
     /// The reply is well-formed but its value does not have the datamodel
     /// type the client expects.
-    #[error("XAPI call {method}: cannot decode the result{}: {detail}", at_path(path))]
+    #[error(
+        "XAPI call {method}: cannot decode the result{}: {detail}",
+        at_path(path)
+    )]
     Decode {
         /// The call.
         method: String,
@@ -383,6 +386,7 @@ impl Error {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -398,7 +402,10 @@ mod tests {
         assert_eq!(e.param(2), Some("running"));
         assert!(!e.is_retryable());
         let other = XapiError::from_description(vec!["SR_BACKEND_FAILURE_201".into()]);
-        assert_eq!(other.code, ErrorCode::Other("SR_BACKEND_FAILURE_201".into()));
+        assert_eq!(
+            other.code,
+            ErrorCode::Other("SR_BACKEND_FAILURE_201".into())
+        );
         assert_eq!(other.sr_backend_failure_number(), Some(201));
         assert!(other.is_retryable());
         assert!(XapiError::from_description(vec![]).is("INTERNAL_ERROR"));

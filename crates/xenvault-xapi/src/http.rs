@@ -919,6 +919,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -962,13 +963,14 @@ mod tests {
 
     #[test]
     fn redirect_resolution() {
-        let t = HttpTransfer::with_client(
-            reqwest::Client::new(),
+        let t = HttpTransfer::new(
+            &TlsPolicy::InsecureNoVerify,
             TransferOptions {
                 redirect_host_map: vec![("10.0.0.2".into(), "gw.example:8443".into())],
                 ..TransferOptions::default()
             },
-        );
+        )
+        .unwrap();
         let cur: Url = "https://10.0.0.1/export?session_id=s&task_id=t"
             .parse()
             .unwrap();

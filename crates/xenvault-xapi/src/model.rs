@@ -6,7 +6,7 @@
 //! that implements [`DatamodelType`]; its [`DatamodelType::datamodel_type`]
 //! spells the type exactly as `xenapi.json` does (`"VM ref"`,
 //! `"(string -> string) map"`, `"enum vm_power_state set"`). The record
-//! macro ([`xapi_record!`]) and the call macro (in `api`) derive the
+//! macro (`xapi_record!`) and the call macro (in `api`) derive the
 //! registries from the same declarations that generate the code, so the test
 //! in `tests/datamodel_conformance.rs` checks what the client really does.
 
@@ -432,7 +432,7 @@ pub struct RecordSpec {
     pub fields: Vec<FieldSpec>,
 }
 
-/// A record type declared with [`xapi_record!`].
+/// A record type declared with `xapi_record!`.
 pub trait Record: XapiClass {
     /// The fields the client decodes, with their datamodel types.
     fn spec() -> RecordSpec;
@@ -571,17 +571,23 @@ impl MessageSpec {
 
     /// The message part of the wire name.
     pub fn message(&self) -> &str {
-        self.wire.split_once('.').map_or(self.wire.as_str(), |(_, m)| m)
+        self.wire
+            .split_once('.')
+            .map_or(self.wire.as_str(), |(_, m)| m)
     }
 }
 
 /// The datamodel name of a Rust parameter identifier: a trailing `_` (used
 /// for keywords such as `self_`, `class_`, `ref_`) is dropped.
 pub fn param_name(rust_ident: &str) -> String {
-    rust_ident.strip_suffix('_').unwrap_or(rust_ident).to_string()
+    rust_ident
+        .strip_suffix('_')
+        .unwrap_or(rust_ident)
+        .to_string()
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -619,6 +625,7 @@ mod tests {
         assert_eq!(v.as_str(), "green");
         let v: Colour = crate::de::from_value(&Value::str("DARK_BLUE")).unwrap();
         assert_eq!(v, Colour::DarkBlue);
+        assert_eq!(Colour::DATAMODEL_NAME, "colour");
         let set: Vec<Colour> =
             crate::de::from_value(&Value::Array(vec![Value::str("Red"), Value::str("x")])).unwrap();
         assert_eq!(set, vec![Colour::Red, Colour::Unknown("x".into())]);

@@ -221,7 +221,11 @@ impl Client {
 
 /// Logs in at `start`, following `HOST_IS_SLAVE`. Returns the transport of
 /// the host that accepted the login.
-async fn login(client: &Client, start: Url, credentials: &Credentials) -> Result<(Transport, SessionRef)> {
+async fn login(
+    client: &Client,
+    start: Url,
+    credentials: &Credentials,
+) -> Result<(Transport, SessionRef)> {
     let mut url = start;
     let mut chain = Vec::new();
     loop {
@@ -272,7 +276,12 @@ struct Connection {
 }
 
 impl Connection {
-    async fn call(&self, method: &str, params: &[Value], timeout: Option<Duration>) -> Result<Value> {
+    async fn call(
+        &self,
+        method: &str,
+        params: &[Value],
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
         let mut full = Vec::with_capacity(params.len() + 1);
         full.push(Value::str(self.session_ref.expose()));
         full.extend_from_slice(params);
@@ -326,7 +335,11 @@ impl Session {
     /// result as `T` by datamodel type. Prefer the typed wrappers of
     /// [`crate::api`]: raw calls are not covered by the datamodel
     /// conformance test.
-    pub async fn call<T: serde::de::DeserializeOwned>(&self, method: &str, params: Vec<Value>) -> Result<T> {
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        params: Vec<Value>,
+    ) -> Result<T> {
         let value = self.call_value(method, params).await?;
         from_value(&value).map_err(|e| e.for_method(method))
     }
@@ -348,7 +361,9 @@ impl Session {
             return Err(Error::LoggedOut);
         }
         let recovery = match conn.call(method, &params, timeout).await {
-            Err(Error::Xapi { error, .. }) if error.code == ErrorCode::SessionInvalid => Recovery::Relogin,
+            Err(Error::Xapi { error, .. }) if error.code == ErrorCode::SessionInvalid => {
+                Recovery::Relogin
+            }
             Err(Error::Xapi { error, .. }) if error.code == ErrorCode::HostIsSlave => {
                 Recovery::Coordinator(error.param(0).unwrap_or_default().to_string())
             }
@@ -356,7 +371,10 @@ impl Session {
         };
         let conn = match recovery {
             Recovery::Relogin => {
-                tracing::info!(method, "SESSION_INVALID: logging in again and retrying once");
+                tracing::info!(
+                    method,
+                    "SESSION_INVALID: logging in again and retrying once"
+                );
                 self.reconnect(conn.generation, None).await?
             }
             Recovery::Coordinator(address) => {
@@ -369,7 +387,11 @@ impl Session {
 
     /// Logs in again (at `coordinator` if given), unless another caller
     /// already did since `seen_generation`.
-    async fn reconnect(&self, seen_generation: u64, coordinator: Option<&str>) -> Result<Arc<Connection>> {
+    async fn reconnect(
+        &self,
+        seen_generation: u64,
+        coordinator: Option<&str>,
+    ) -> Result<Arc<Connection>> {
         let _guard = self.inner.relogin.lock().await;
         let current = self.connection();
         if current.logged_out {
@@ -382,7 +404,8 @@ impl Session {
             Some(address) => coordinator_url(current.transport.base_url(), address)?,
             None => current.transport.base_url().clone(),
         };
-        let (transport, session_ref) = login(&self.inner.client, start, &self.inner.credentials).await?;
+        let (transport, session_ref) =
+            login(&self.inner.client, start, &self.inner.credentials).await?;
         let fresh = Arc::new(Connection {
             transport,
             session_ref,
@@ -480,6 +503,7 @@ impl Session {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

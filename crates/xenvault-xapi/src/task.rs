@@ -119,7 +119,7 @@ pub fn task_outcome(task: &TaskRef, record: Task, label: &str) -> Result<Task> {
 }
 
 enum Waited {
-    Finished(Task),
+    Finished(Box<Task>),
     TimedOut,
     EventsUnavailable(Error),
 }
@@ -149,7 +149,7 @@ pub async fn wait_until_finished(
         waited = wait_by_polling(session, task, deadline, options).await?;
     }
     match waited {
-        Waited::Finished(record) => Ok(record),
+        Waited::Finished(record) => Ok(*record),
         Waited::TimedOut | Waited::EventsUnavailable(_) => {
             let action = if options.cancel_on_timeout {
                 match session.task().cancel(task).await {
@@ -208,13 +208,15 @@ async fn wait_by_events(
                 });
             }
             match event.snapshot.decode::<Task>() {
-                Ok(record) if record.is_finished() => return Ok(Waited::Finished(record)),
+                Ok(record) if record.is_finished() => {
+                    return Ok(Waited::Finished(Box::new(record)));
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(task = %task, error = %e, "undecodable task snapshot in event; reading the record");
                     let record = session.task().get_record(task).await?;
                     if record.is_finished() {
-                        return Ok(Waited::Finished(record));
+                        return Ok(Waited::Finished(Box::new(record)));
                     }
                 }
             }
@@ -225,7 +227,7 @@ async fn wait_by_events(
             // not spin if the server answers at once.
             let record = session.task().get_record(task).await?;
             if record.is_finished() {
-                return Ok(Waited::Finished(record));
+                return Ok(Waited::Finished(Box::new(record)));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -247,7 +249,7 @@ async fn wait_by_polling(
     loop {
         let record = session.task().get_record(task).await?;
         if record.is_finished() {
-            return Ok(Waited::Finished(record));
+            return Ok(Waited::Finished(Box::new(record)));
         }
         let now = Instant::now();
         if now >= deadline {
@@ -269,7 +271,12 @@ async fn destroy_quietly(session: &Session, task: &TaskRef) {
 }
 
 /// Waits for the task, destroys it, and returns its outcome.
-async fn settle(session: &Session, task: &TaskRef, label: &str, options: &WaitOptions) -> Result<Task> {
+async fn settle(
+    session: &Session,
+    task: &TaskRef,
+    label: &str,
+    options: &WaitOptions,
+) -> Result<Task> {
     let record = wait_until_finished(session, task, label, options).await?;
     destroy_quietly(session, task).await;
     task_outcome(task, record, label)
@@ -360,7 +367,12 @@ impl Session {
 
     /// Waits for any task, destroys it, and returns its record (success) or
     /// its error (failure, cancellation). `label` names it in errors.
-    pub async fn wait_task(&self, task: &TaskRef, label: &str, options: &WaitOptions) -> Result<Task> {
+    pub async fn wait_task(
+        &self,
+        task: &TaskRef,
+        label: &str,
+        options: &WaitOptions,
+    ) -> Result<Task> {
         settle(self, task, label, options).await
     }
 }
@@ -442,6 +454,7 @@ impl Drop for TaskGuard {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::records::VmRef;

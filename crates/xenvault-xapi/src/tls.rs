@@ -9,8 +9,8 @@
 //! - [`TlsPolicy::Pinned`]: only a server whose leaf certificate has exactly this
 //!   SHA-256 fingerprint is accepted. Names and dates are not checked: XAPI pools
 //!   use self-signed certificates whose subject rarely matches the address used
-//!   (see docs/xapi-notes.md "TLS"). Handshake signatures are still verified, so a
-//!   peer must hold the pinned certificate's private key.
+//!   (docs/xapi-notes.md "TLS certificates and pinning"). Handshake signatures
+//!   are still verified, so a peer must hold the pinned certificate's private key.
 //! - [`TlsPolicy::InsecureNoVerify`]: any certificate; only behind an explicit, loud
 //!   user option.
 //!
@@ -461,8 +461,9 @@ pub struct PresentedCertificate {
     pub der: Vec<u8>,
 }
 
-/// Connects to `host:port` (port 443 if omitted), completes a TLS handshake that
-/// trusts any certificate, and returns the server's leaf certificate fingerprint.
+/// Connects to `host:port` (port 443 if omitted; an `https://host[:port]/…` URL is
+/// accepted too), completes a TLS handshake that trusts any certificate, and
+/// returns the server's leaf certificate fingerprint.
 ///
 /// Nothing is sent over the connection; it is closed right away. The result is
 /// meant to be shown to the user for confirmation (`xenvault trust URL`).
@@ -470,6 +471,11 @@ pub async fn fetch_fingerprint(
     host_port: &str,
     timeout: Duration,
 ) -> Result<PresentedCertificate, TlsError> {
+    let host_port = host_port
+        .split_once("://")
+        .map_or(host_port, |(_, rest)| rest);
+    let host_port = host_port.split(['/', '?']).next().unwrap_or(host_port);
+    let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
     let address = if split_host(host_port) == host_port {
         format!("{host_port}:443")
     } else {
@@ -509,6 +515,7 @@ pub async fn fetch_fingerprint(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

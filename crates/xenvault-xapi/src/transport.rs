@@ -110,9 +110,12 @@ pub fn parse_pool_url(text: &str) -> Result<Url> {
         url: text.to_string(),
         reason: reason.to_string(),
     };
-    let mut url = Url::parse(text.trim()).map_err(|e| invalid(&format!("{e}; write e.g. https://pool-master.example")))?;
+    let mut url = Url::parse(text.trim())
+        .map_err(|e| invalid(&format!("{e}; write e.g. https://pool-master.example")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid("the scheme must be https:// (or http:// for plain HTTP)"));
+        return Err(invalid(
+            "the scheme must be https:// (or http:// for plain HTTP)",
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("the URL has no host"));
@@ -238,10 +241,10 @@ pub fn encode_xml_request(method: &str, params: &[Value]) -> String {
 pub fn decode_xml_response(body: &[u8]) -> std::result::Result<Envelope, String> {
     let text = std::str::from_utf8(body).map_err(|e| format!("the reply is not UTF-8: {e}"))?;
     match MethodResponse::from_xml(text).map_err(|e| e.to_string())? {
-        MethodResponse::Value(v) => Envelope::from_value(&v).map_err(|e| format!("not an XAPI envelope: {e}")),
-        MethodResponse::Fault { code, message } => {
-            Err(format!("XML-RPC fault {code}: {message}"))
+        MethodResponse::Value(v) => {
+            Envelope::from_value(&v).map_err(|e| format!("not an XAPI envelope: {e}"))
         }
+        MethodResponse::Fault { code, message } => Err(format!("XML-RPC fault {code}: {message}")),
     }
 }
 
@@ -270,7 +273,12 @@ enum JsonAttempt {
 
 impl Transport {
     /// A transport to `base` (a URL from [`parse_pool_url`]).
-    pub fn new(http: reqwest::Client, base: Url, choice: ProtocolChoice, rpc_timeout: Duration) -> Transport {
+    pub fn new(
+        http: reqwest::Client,
+        base: Url,
+        choice: ProtocolChoice,
+        rpc_timeout: Duration,
+    ) -> Transport {
         Transport {
             http,
             base,
@@ -305,7 +313,12 @@ impl Transport {
 
     /// Makes one call. `params` are complete (the session ref first where
     /// needed). An XAPI failure envelope becomes [`Error::Xapi`].
-    pub async fn call(&self, method: &str, params: &[Value], timeout: Option<Duration>) -> Result<Value> {
+    pub async fn call(
+        &self,
+        method: &str,
+        params: &[Value],
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
         let started = Instant::now();
         let timeout = timeout.unwrap_or(self.rpc_timeout);
         let envelope = match self.protocol() {
@@ -334,7 +347,11 @@ impl Transport {
                 }
             },
         };
-        tracing::debug!(method, elapsed_ms = started.elapsed().as_millis() as u64, "XAPI call done");
+        tracing::debug!(
+            method,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "XAPI call done"
+        );
         match envelope {
             Envelope::Success(v) => Ok(v),
             Envelope::Failure(description) => Err(Error::Xapi {
@@ -345,7 +362,9 @@ impl Transport {
     }
 
     fn json_url(&self) -> Url {
-        self.base.join("jsonrpc").unwrap_or_else(|_| self.base.clone())
+        self.base
+            .join("jsonrpc")
+            .unwrap_or_else(|_| self.base.clone())
     }
 
     fn transport_error(&self, method: &str, url: &Url, e: reqwest::Error) -> Error {
@@ -356,7 +375,12 @@ impl Transport {
         }
     }
 
-    async fn call_json(&self, method: &str, params: &[Value], timeout: Duration) -> Result<JsonAttempt> {
+    async fn call_json(
+        &self,
+        method: &str,
+        params: &[Value],
+        timeout: Duration,
+    ) -> Result<JsonAttempt> {
         let url = self.json_url();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let response = self
@@ -401,7 +425,12 @@ impl Transport {
         }
     }
 
-    async fn call_xml(&self, method: &str, params: &[Value], timeout: Duration) -> Result<Envelope> {
+    async fn call_xml(
+        &self,
+        method: &str,
+        params: &[Value],
+        timeout: Duration,
+    ) -> Result<Envelope> {
         let url = self.base.clone();
         let response = self
             .http
@@ -434,6 +463,7 @@ impl Transport {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -441,14 +471,24 @@ mod tests {
     fn urls() {
         let u = parse_pool_url("https://10.0.0.1").unwrap();
         assert_eq!(u.as_str(), "https://10.0.0.1/");
-        assert_eq!(u.join("jsonrpc").unwrap().as_str(), "https://10.0.0.1/jsonrpc");
+        assert_eq!(
+            u.join("jsonrpc").unwrap().as_str(),
+            "https://10.0.0.1/jsonrpc"
+        );
         let proxied = parse_pool_url("https://proxy:8443/xapi?x=1").unwrap();
-        assert_eq!(proxied.join("jsonrpc").unwrap().as_str(), "https://proxy:8443/xapi/jsonrpc");
+        assert_eq!(
+            proxied.join("jsonrpc").unwrap().as_str(),
+            "https://proxy:8443/xapi/jsonrpc"
+        );
         assert!(parse_pool_url("ftp://h/").is_err());
         assert!(parse_pool_url("https://root:pw@h/").is_err());
         assert!(parse_pool_url("not a url").is_err());
 
-        let c = coordinator_url(&parse_pool_url("https://10.0.0.2:8443/").unwrap(), "fd00::1").unwrap();
+        let c = coordinator_url(
+            &parse_pool_url("https://10.0.0.2:8443/").unwrap(),
+            "fd00::1",
+        )
+        .unwrap();
         assert_eq!(c.as_str(), "https://[fd00::1]:8443/");
         let c = coordinator_url(&parse_pool_url("http://[::1]:80/").unwrap(), "10.0.0.9").unwrap();
         assert_eq!(c.as_str(), "http://10.0.0.9/");
@@ -459,7 +499,8 @@ mod tests {
 
     #[test]
     fn json_request_is_v2_with_id() {
-        let body = encode_json_request("VM.get_all", &[Value::str("OpaqueRef:s"), Value::Int(5)], 7);
+        let body =
+            encode_json_request("VM.get_all", &[Value::str("OpaqueRef:s"), Value::Int(5)], 7);
         let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(j["jsonrpc"], "2.0");
         assert_eq!(j["method"], "VM.get_all");

@@ -2,6 +2,8 @@
 //! do: HTTP/1.0 without Content-Length, 302 redirects, 401, an error page inside a
 //! 200 body, PUT bodies checked for Content-Length and no chunking, and silence.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
+
 use std::sync::Arc;
 use std::time::Duration;
 

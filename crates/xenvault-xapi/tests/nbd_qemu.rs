@@ -5,6 +5,8 @@
 //! qemu-nbd is required: the tests fail when it is missing and CI=true, and skip
 //! loudly otherwise.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -248,7 +250,7 @@ async fn sparse_vhd_reads_equal_raw_and_reports_holes() {
     let reader = NbdMultiReader::connect(&opts, 2).await.unwrap();
     assert_eq!(reader.size(), DISK_SIZE);
     let extents: Vec<Extent> = reader
-        .read_ranges(vec![0..DISK_SIZE])
+        .read_ranges(std::iter::once(0..DISK_SIZE))
         .map(|r| r.unwrap())
         .collect()
         .await;
@@ -404,7 +406,7 @@ async fn starttls_with_pinned_certificate() {
     opts.tls = NbdTls::PinnedPem(server_pem);
     let reader = NbdMultiReader::connect(&opts, 2).await.unwrap();
     let extents: Vec<Extent> = reader
-        .read_ranges(vec![0..DISK_SIZE])
+        .read_ranges(std::iter::once(0..DISK_SIZE))
         .map(|r| r.unwrap())
         .collect()
         .await;

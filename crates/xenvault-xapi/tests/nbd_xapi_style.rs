@@ -4,13 +4,18 @@
 //! unaligned requests; plus misbehaving servers (bad magic, silence, hang-up,
 //! TLS policy refusals) that must give clear errors, never a panic or a hang.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
-use xenvault_xapi::nbd::client::{ExportSelect, NbdConnection, NbdError, NbdOptions, NbdTls};
+use xenvault_xapi::nbd::client::{
+    ExportSelect, NbdConnection, NbdError, NbdMultiReader, NbdOptions, NbdTls,
+};
 use xenvault_xapi::nbd::proto::{self, ExportInfo, Request, cmd, errno, opt, rep, tflag};
 
 const SIZE: u64 = 4 * 1024 * 1024;
@@ -29,13 +34,25 @@ enum Mode {
     Silent,
     /// Hangs up in the middle of read data.
     HangUp,
+    /// The first connection hangs up at its first read; later ones serve.
+    FirstConnectionHangsUp,
 }
 
 fn byte_at(offset: u64) -> u8 {
     (offset / 512) as u8 ^ 0x5a
 }
 
-async fn handle(mut s: TcpStream, mode: Mode, names: Arc<Mutex<Vec<String>>>) -> Option<()> {
+async fn handle(
+    mut s: TcpStream,
+    mode: Mode,
+    index: usize,
+    names: Arc<Mutex<Vec<String>>>,
+) -> Option<()> {
+    let mode = match mode {
+        Mode::FirstConnectionHangsUp if index == 0 => Mode::HangUp,
+        Mode::FirstConnectionHangsUp => Mode::Plain,
+        other => other,
+    };
     s.write_all(&proto::encode_greeting(proto::FLAG_FIXED_NEWSTYLE))
         .await
         .ok()?;
@@ -162,8 +179,10 @@ async fn start(mode: Mode) -> Server {
     let names = Arc::new(Mutex::new(Vec::new()));
     let seen = names.clone();
     let task = tokio::spawn(async move {
+        let mut index = 0;
         while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(handle(s, mode, seen.clone()));
+            tokio::spawn(handle(s, mode, index, seen.clone()));
+            index += 1;
         }
     });
     Server { port, names, task }
@@ -316,4 +335,62 @@ async fn bad_replies_silence_and_hangups_give_errors() {
     let err = conn.read(0, 4096).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().contains("closed the connection"), "{err}");
+}
+
+#[tokio::test]
+async fn multi_reader_moves_a_failed_piece_to_another_connection() {
+    let server = start(Mode::FirstConnectionHangsUp).await;
+    let reader = NbdMultiReader::connect(&options(server.port), 2)
+        .await
+        .unwrap()
+        .with_piece_size(256 * 1024);
+    assert_eq!(reader.connection_count(), 2);
+    let extents: Vec<_> = reader
+        .read_ranges(vec![
+            0..1024 * 1024,
+            2 * 1024 * 1024..2 * 1024 * 1024 + 4096,
+        ])
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    let total: u64 = extents.iter().map(|e| e.len()).sum();
+    assert_eq!(total, 1024 * 1024 + 4096);
+    let mut last_end = 0;
+    for e in &extents {
+        assert!(e.offset >= last_end);
+        last_end = e.end();
+        let xenvault_types::extent::ExtentData::Data(bytes) = &e.data else {
+            panic!("zero extent without block status");
+        };
+        assert!(
+            bytes
+                .iter()
+                .enumerate()
+                .all(|(j, b)| *b == byte_at(e.offset + j as u64))
+        );
+    }
+}
+
+#[tokio::test]
+async fn multi_reader_reconnects_a_dead_connection() {
+    let server = start(Mode::FirstConnectionHangsUp).await;
+    let reader = NbdMultiReader::connect(&options(server.port), 1)
+        .await
+        .unwrap()
+        .with_retries(3, Duration::from_millis(10));
+    let extents: Vec<_> = reader
+        .read_ranges(std::iter::once(0..512 * 1024))
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(extents.iter().map(|e| e.len()).sum::<u64>(), 512 * 1024);
+    // One connection at first, one re-opened after the hang-up.
+    assert_eq!(server.names.lock().await.len(), 2);
+
+    // Without reconnection options (from_connections) the failure is reported.
+    let broken = start(Mode::HangUp).await;
+    let conn = NbdConnection::connect(&options(broken.port)).await.unwrap();
+    let reader = NbdMultiReader::from_connections(vec![Arc::new(conn)], 2);
+    let results: Vec<_> = reader.read_ranges(std::iter::once(0..4096)).collect().await;
+    assert!(matches!(results.as_slice(), [Err(e)] if e.is_transient()));
 }

@@ -2,6 +2,8 @@
 //! fingerprint is fetched without trust, a matching pin is accepted (raw TLS and
 //! HTTPS transfers), a different pin and plain verification are refused clearly.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +104,25 @@ async fn fetched_fingerprint_matches_the_certificate() {
     let shown = presented.fingerprint.to_string();
     assert!(shown.starts_with("sha256:") && shown.len() == 7 + 64);
     assert_eq!(shown.parse::<Fingerprint>().unwrap(), presented.fingerprint);
+    // `xenvault trust URL` passes a URL.
+    let from_url = tls::fetch_fingerprint(
+        &format!("https://127.0.0.1:{}/jsonrpc", server.port),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(from_url.fingerprint, presented.fingerprint);
+    // Nothing listening: a clear connect error, not a hang.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let err = tls::fetch_fingerprint(&format!("127.0.0.1:{port}"), Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
 }
 
 #[tokio::test]

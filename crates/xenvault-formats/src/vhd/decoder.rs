@@ -240,7 +240,11 @@ impl VhdDecoder {
         }
         let mut out = Vec::new();
         let r = self.finish_inner(&mut out);
-        self.stage = if r.is_ok() { Stage::Done } else { Stage::Failed };
+        self.stage = if r.is_ok() {
+            Stage::Done
+        } else {
+            Stage::Failed
+        };
         r.map(|()| out)
     }
 
@@ -359,7 +363,10 @@ impl VhdDecoder {
     fn on_header(&mut self, out: &mut Vec<Extent>) -> Result<(), VhdError> {
         let at = self.region.0;
         let header = DynamicHeader::parse(&self.buf, at)?;
-        let footer = self.footer.as_ref().ok_or(VhdError::Stopped("internal state"))?;
+        let footer = self
+            .footer
+            .as_ref()
+            .ok_or(VhdError::Stopped("internal state"))?;
         let bat_len = VhdLayout::bat_bytes_needed(footer, &header)?;
         let header_end = at + HEADER_SIZE as u64;
         if header.table_offset < header_end {
@@ -370,7 +377,10 @@ impl VhdDecoder {
         }
         if footer.disk_type == DiskType::Differencing {
             for (slot, l) in header.parent_locators.iter().enumerate() {
-                if !l.is_unused() && l.data_len <= MAX_LOCATOR_DATA && l.data_offset >= header_end {
+                if !l.is_unused()
+                    && l.data_len <= MAX_LOCATOR_DATA
+                    && (header_end..=MAX_READ_VIRTUAL_SIZE).contains(&l.data_offset)
+                {
                     self.captures.push(Capture {
                         slot,
                         offset: l.data_offset,
@@ -437,7 +447,10 @@ impl VhdDecoder {
     }
 
     fn on_block(&mut self, out: &mut Vec<Extent>) -> Result<(), VhdError> {
-        let layout = self.layout.as_ref().ok_or(VhdError::Stopped("internal state"))?;
+        let layout = self
+            .layout
+            .as_ref()
+            .ok_or(VhdError::Stopped("internal state"))?;
         let index = self.plan[self.plan_pos];
         let extents = layout.block_extents(index, &self.buf)?;
         if index == self.cursor {
@@ -583,15 +596,17 @@ impl VhdDecoder {
         }
         let at = self.pos - FOOTER_SIZE as u64;
         let trailing = Footer::parse(&self.last_sector(), at)?;
-        let copy = self.footer.as_ref().ok_or(VhdError::Stopped("internal state"))?;
-        let differs = |field: &'static str, rel: u64, ours: String, theirs: String| {
-            VhdError::BadField {
+        let copy = self
+            .footer
+            .as_ref()
+            .ok_or(VhdError::Stopped("internal state"))?;
+        let differs =
+            |field: &'static str, rel: u64, ours: String, theirs: String| VhdError::BadField {
                 structure: "trailing footer",
                 field,
                 offset: at + rel,
                 reason: format!("{ours} here, but {theirs} in the footer copy at byte 0"),
-            }
-        };
+            };
         if trailing.current_size != copy.current_size {
             return Err(differs(
                 "current_size",
@@ -692,4 +707,49 @@ fn peak_held_blocks(layout: &VhdLayout, plan: &[u32]) -> u64 {
         peak = peak.max(held);
     }
     peak
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::vhd::{VhdSpec, encode_extents};
+
+    fn layout_with_order(order: &[u32], blocks: u32) -> (VhdLayout, Vec<u32>) {
+        let size = u64::from(blocks) * (2 << 20);
+        let v = encode_extents(
+            VhdSpec::dynamic(size, Uuid::nil()),
+            &(0..blocks)
+                .map(|b| Extent::data(u64::from(b) << 21, vec![1; 512]))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let f = Footer::parse(&v[..512], 0).unwrap();
+        let h = DynamicHeader::parse(&v[512..1536], 512).unwrap();
+        let n = VhdLayout::bat_bytes_needed(&f, &h).unwrap();
+        let l = VhdLayout::sparse(f, h, &v[2048..2048 + n]).unwrap();
+        (l, order.to_vec())
+    }
+
+    #[test]
+    fn held_blocks_peak() {
+        let (l, plan) = layout_with_order(&[0, 1, 2, 3], 4);
+        assert_eq!(peak_held_blocks(&l, &plan), 0);
+        let (l, plan) = layout_with_order(&[3, 2, 1, 0], 4);
+        assert_eq!(peak_held_blocks(&l, &plan), 3);
+        let (l, plan) = layout_with_order(&[1, 0, 3, 2], 4);
+        assert_eq!(peak_held_blocks(&l, &plan), 1);
+    }
+
+    #[test]
+    fn short_and_empty_streams() {
+        let mut d = VhdDecoder::new();
+        assert!(matches!(d.finish(), Err(VhdError::Truncated(_))));
+        assert!(matches!(d.finish(), Err(VhdError::Stopped(_))));
+        let v = encode_extents(VhdSpec::dynamic(0, Uuid::nil()), &[]).unwrap();
+        let mut d = VhdDecoder::new();
+        assert!(d.feed(&v).unwrap().is_empty());
+        assert!(d.finish().unwrap().is_empty());
+        assert!(matches!(d.feed(&[0]), Err(VhdError::Stopped(_))));
+    }
 }

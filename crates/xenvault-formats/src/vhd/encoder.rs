@@ -93,7 +93,8 @@ impl VhdSpec {
 
     /// Number of blocks covering the virtual size.
     pub fn block_count(&self) -> u64 {
-        self.virtual_size.div_ceil(u64::from(self.block_size.max(1)))
+        self.virtual_size
+            .div_ceil(u64::from(self.block_size.max(1)))
     }
 }
 
@@ -149,7 +150,9 @@ impl VhdEncoder {
         }
         let bs = spec.block_size;
         if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
-            return bad(format!("block size {bs} is not a power of two in 512..16 MiB"));
+            return bad(format!(
+                "block size {bs} is not a power of two in 512..16 MiB"
+            ));
         }
         let block_count = u32::try_from(spec.block_count())
             .map_err(|_| VhdError::InvalidInput("too many blocks".into()))?;
@@ -179,7 +182,10 @@ impl VhdEncoder {
             for (slot, l) in p.locators.iter().enumerate() {
                 let data = ParentLocator::encode_path(l.platform, &l.path)?;
                 if data.len() > MAX_LOCATOR_DATA as usize {
-                    return bad(format!("parent locator {slot} is {} bytes long", data.len()));
+                    return bad(format!(
+                        "parent locator {slot} is {} bytes long",
+                        data.len()
+                    ));
                 }
                 let sectors = data.len().div_ceil(512).max(1);
                 locators[slot] = ParentLocator {
@@ -218,7 +224,9 @@ impl VhdEncoder {
             block_size: bs,
             parent_unique_id: parent.as_ref().map_or(Uuid::nil(), |p| p.unique_id),
             parent_timestamp: parent.as_ref().map_or(0, |p| p.timestamp),
-            parent_unicode_name: parent.as_ref().map_or(String::new(), |p| p.unicode_name.clone()),
+            parent_unicode_name: parent
+                .as_ref()
+                .map_or(String::new(), |p| p.unicode_name.clone()),
             parent_locators: locators,
         };
 
@@ -318,7 +326,11 @@ impl VhdEncoder {
     /// Dynamic disks: every sector is marked present, the gaps are zeros. Differencing
     /// disks: only the sectors the extents cover are marked (zero extents included:
     /// they override the parent), so the extents must be 512-byte aligned.
-    pub fn encode_block_extents(&mut self, index: u32, extents: &[Extent]) -> Result<Vec<u8>, VhdError> {
+    pub fn encode_block_extents(
+        &mut self,
+        index: u32,
+        extents: &[Extent],
+    ) -> Result<Vec<u8>, VhdError> {
         let full = self.footer.disk_type == DiskType::Dynamic;
         let pieces = extents.iter().map(|e| {
             (
@@ -521,4 +533,64 @@ fn check_extents(spec: &VhdSpec, extents: &[Extent]) -> Result<(), VhdError> {
             })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prologue_and_total_length() {
+        let enc = VhdEncoder::new(VhdSpec::dynamic(6 << 20, Uuid::nil()), [2, 0]).unwrap();
+        // footer 512 + header 1024 + zero sector 512 + BAT 512 + batmap 512 + 512
+        assert_eq!(enc.prologue().len(), 3584);
+        assert_eq!(enc.allocated_blocks(), &[0, 2]);
+        assert_eq!(enc.total_len(), 3584 + 2 * ((2 << 20) + 512) + 512);
+        assert_eq!(enc.next_block(), Some(0));
+    }
+
+    #[test]
+    fn long_locators_move_the_bat() {
+        let parent = ParentSpec {
+            unique_id: Uuid::from_u128(3),
+            timestamp: 0,
+            unicode_name: "p".into(),
+            locators: vec![LocatorSpec {
+                platform: PlatformCode::MACX,
+                path: "x".repeat(700),
+            }],
+        };
+        let enc = VhdEncoder::new(VhdSpec::differencing(2 << 20, Uuid::nil(), parent), []).unwrap();
+        let h = DynamicHeader::parse(&enc.prologue()[512..1536], 512).unwrap();
+        assert_eq!(h.table_offset, 1536 + 1024);
+        assert_eq!(h.parent_locators[0].data_space, 2);
+        assert_eq!(h.parent_locators[0].data_len, 707);
+    }
+
+    #[test]
+    fn differencing_bitmap_marks_only_given_sectors() {
+        let parent = ParentSpec {
+            unique_id: Uuid::nil(),
+            timestamp: 0,
+            unicode_name: String::new(),
+            locators: vec![],
+        };
+        let mut enc =
+            VhdEncoder::new(VhdSpec::differencing(4 << 20, Uuid::nil(), parent), [1]).unwrap();
+        let off = 2 << 20;
+        let b = enc
+            .encode_block_extents(
+                1,
+                &[
+                    Extent::data(off + 512, vec![5; 1024]),
+                    Extent::zero(off + 4096, 512),
+                ],
+            )
+            .unwrap();
+        assert_eq!(&b[..2], &[0b0110_0000, 0b1000_0000]);
+        assert!(b[2..512].iter().all(|&x| x == 0));
+        assert!(b[512 + 512..512 + 1536].iter().all(|&x| x == 5));
+        assert!(enc.finish().is_ok());
+    }
 }

@@ -360,7 +360,10 @@ mod tests {
         assert_eq!((g.cylinders, g.heads, g.sectors_per_track), (963, 8, 17));
         // Maximum geometry for huge disks.
         let g = Geometry::for_size(2040 << 30);
-        assert_eq!((g.cylinders, g.heads, g.sectors_per_track), (65535, 16, 255));
+        assert_eq!(
+            (g.cylinders, g.heads, g.sectors_per_track),
+            (65535, 16, 255)
+        );
         let g = Geometry::for_size(0);
         assert_eq!((g.cylinders, g.heads, g.sectors_per_track), (0, 4, 17));
     }

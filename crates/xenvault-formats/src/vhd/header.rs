@@ -85,10 +85,11 @@ impl ParentLocator {
     }
 
     /// Decodes locator data into a path: `MacX` is a UTF-8 `file://` URL (the prefix is
-    /// removed), `W2RU`/`W2KU` are UTF-16LE. `None` for other codes or undecodable data.
+    /// removed), `W2RU`/`W2KU` are UTF-16LE. `None` for other codes, undecodable data
+    /// or an empty path (xapi's delta exports leave the locator sector zeroed).
     pub fn decode_path(&self, data: &[u8]) -> Option<String> {
         let data = data.get(..self.data_len as usize).unwrap_or(data);
-        match self.platform {
+        let path = match self.platform {
             PlatformCode::MACX => {
                 let s = std::str::from_utf8(data).ok()?.trim_end_matches('\0');
                 Some(s.strip_prefix("file://").unwrap_or(s).to_owned())
@@ -102,7 +103,9 @@ impl ParentLocator {
                 String::from_utf16(&units).ok()
             }
             _ => None,
-        }
+        };
+        // xapi's delta exports point locator 0 at a zeroed sector: no path.
+        path.filter(|p| !p.is_empty())
     }
 
     /// Encodes a path for this platform code: `MacX` gets a `file://` prefix unless it
@@ -258,7 +261,11 @@ impl DynamicHeader {
 
 /// Sector-bitmap length for a block size: block_size/512 bits, padded to 512 bytes.
 pub(crate) fn bitmap_len_for(block_size: u32) -> u64 {
-    (u64::from(block_size) / 512).div_ceil(8).div_ceil(512).max(1) * 512
+    (u64::from(block_size) / 512)
+        .div_ceil(8)
+        .div_ceil(512)
+        .max(1)
+        * 512
 }
 
 /// Decodes the header's UTF-16BE parent name: stops at the first NUL, skips a
@@ -341,8 +348,7 @@ impl BatmapHeader {
 
     /// The checksum of a batmap (ones' complement of the unsigned byte sum).
     pub fn checksum_of(map: &[u8]) -> u32 {
-        !map.iter()
-            .fold(0u32, |s, &b| s.wrapping_add(u32::from(b)))
+        !map.iter().fold(0u32, |s, &b| s.wrapping_add(u32::from(b)))
     }
 }
 
@@ -394,7 +400,13 @@ mod tests {
         assert!(h.to_bytes().is_err());
         h.parent_unicode_name = "x".repeat(256);
         let b = h.to_bytes().unwrap();
-        assert_eq!(DynamicHeader::parse(&b, 0).unwrap().parent_unicode_name.len(), 256);
+        assert_eq!(
+            DynamicHeader::parse(&b, 0)
+                .unwrap()
+                .parent_unicode_name
+                .len(),
+            256
+        );
     }
 
     #[test]

@@ -75,7 +75,11 @@ impl VhdLayout {
     ///
     /// Every allocated block must lie after the footer copy and outside the header
     /// and the BAT, and blocks must not overlap one another.
-    pub fn sparse(footer: Footer, header: DynamicHeader, bat: &[u8]) -> Result<VhdLayout, VhdError> {
+    pub fn sparse(
+        footer: Footer,
+        header: DynamicHeader,
+        bat: &[u8],
+    ) -> Result<VhdLayout, VhdError> {
         let (block_size, block_count) = check_sparse(&footer, &header)?;
         let need = block_count as usize * 4;
         if bat.len() < need {
@@ -213,7 +217,8 @@ impl VhdLayout {
             return None;
         }
         let virtual_offset = u64::from(index) * u64::from(self.block_size);
-        let virtual_len = (self.footer.current_size - virtual_offset).min(u64::from(self.block_size));
+        let virtual_len =
+            (self.footer.current_size - virtual_offset).min(u64::from(self.block_size));
         if self.header.is_none() {
             return Some(BlockLocation {
                 index,
@@ -391,7 +396,9 @@ fn check_sparse(footer: &Footer, header: &DynamicHeader) -> Result<(u32, u32), V
             structure: "dynamic header",
             field: "block_size",
             offset: h + 32,
-            reason: format!("{count} blocks of {bs} bytes exceed the reader's limit of {MAX_BLOCKS}"),
+            reason: format!(
+                "{count} blocks of {bs} bytes exceed the reader's limit of {MAX_BLOCKS}"
+            ),
         });
     }
     if count > u64::from(header.max_table_entries) {

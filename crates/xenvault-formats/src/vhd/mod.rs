@@ -9,7 +9,11 @@
 //! a sector absent from its block's bitmap is zero). A differencing disk yields only the
 //! sectors it holds; the rest belongs to its parent, named by [`VhdDecoder::parent`].
 //! [`VhdDecoder::finish`] checks the trailing footer; until it returns `Ok` the
-//! extents are unverified.
+//! extents are unverified. Data extents are not zero-detected: xapi writes whole
+//! 2 MiB blocks with every sector present, zeros included, so a caller that stores
+//! sparsely should test them with
+//! [`is_all_zero`](xenvault_types::extent::is_all_zero). Zero extents never touch:
+//! adjacent ones are merged.
 //!
 //! ```
 //! use xenvault_formats::vhd::{VhdDecoder, VhdSpec, encode_extents};
@@ -60,19 +64,22 @@ mod header;
 mod layout;
 mod overlay;
 
-pub use decoder::{
-    DecoderOptions, MAX_LOCATOR_DATA, ParentInfo, ParentLocatorEntry, VhdDecoder,
-};
+pub use decoder::{DecoderOptions, MAX_LOCATOR_DATA, ParentInfo, ParentLocatorEntry, VhdDecoder};
 pub use encoder::{
     DEFAULT_BLOCK_SIZE, LocatorSpec, MAX_WRITE_VIRTUAL_SIZE, ParentSpec, VhdEncoder, VhdSpec,
     blocks_for_extents, encode_extents, encode_extents_to,
 };
 pub use error::VhdError;
 pub use footer::{
-    CREATOR_TAP, CREATOR_VERSION_TAP_1_3, DiskType, FOOTER_COOKIE, FOOTER_SIZE, Footer, Geometry,
+    CREATOR_TAP, CREATOR_VERSION_TAP_1_3, DiskType, FEATURE_RESERVED, FOOTER_COOKIE, FOOTER_SIZE,
+    FORMAT_VERSION, Footer, Geometry, NO_DATA_OFFSET,
 };
 pub use header::{
-    BatmapHeader, DynamicHeader, HEADER_COOKIE, HEADER_SIZE, ParentLocator, PlatformCode,
+    BATMAP_COOKIE, BATMAP_VERSION_1_2, BatmapHeader, DynamicHeader, HEADER_COOKIE, HEADER_SIZE,
+    HEADER_VERSION, LOCATOR_SLOTS, MAX_PARENT_NAME_UNITS, ParentLocator, PlatformCode,
 };
-pub use layout::{BlockLocation, MAX_READ_VIRTUAL_SIZE, VhdLayout};
+pub use layout::{
+    BlockLocation, FIXED_CHUNK, MAX_BLOCK_SIZE, MAX_BLOCKS, MAX_READ_VIRTUAL_SIZE, MIN_BLOCK_SIZE,
+    VhdLayout,
+};
 pub use overlay::{Overlay, coalesce, materialize, overlay};

@@ -186,7 +186,11 @@ mod tests {
     #[test]
     fn child_wins_and_parent_shows_through() {
         let parent = vec![Extent::data(0, vec![1; 10]), Extent::zero(10, 10)];
-        let child = vec![Extent::data(4, vec![2; 2]), Extent::zero(8, 4), Extent::data(15, vec![3])];
+        let child = vec![
+            Extent::data(4, vec![2; 2]),
+            Extent::zero(8, 4),
+            Extent::data(15, vec![3]),
+        ];
         let out: Vec<Extent> = overlay(parent, child).collect::<Result<_, _>>().unwrap();
         assert_eq!(
             materialize(&out, 20).unwrap(),

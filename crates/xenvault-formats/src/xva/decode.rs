@@ -5,7 +5,7 @@ use xenvault_types::extent::is_all_zero;
 
 use super::ova::{EXPORT_VSN, OvaXml, XvaDisk};
 use super::{CHUNK_SIZE, ChecksumKind, XvaError, checksum_text};
-use crate::tar::{TarHeader, TarItem, TarParser};
+use crate::tar::{TarError, TarHeader, TarItem, TarParser};
 
 /// Decoder limits and switches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +112,8 @@ pub struct XvaDecoder {
     tar: TarParser,
     inner: Inner,
     failed: Option<XvaError>,
+    /// The first bytes of the stream, to recognise compressed input.
+    head: Vec<u8>,
 }
 
 impl Default for XvaDecoder {
@@ -148,6 +150,7 @@ impl XvaDecoder {
                 pending_zero: None,
             },
             failed: None,
+            head: Vec::new(),
         }
     }
 
@@ -156,14 +159,29 @@ impl XvaDecoder {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        if self.head.len() < 4 {
+            let n = (4 - self.head.len()).min(input.len());
+            self.head.extend_from_slice(&input[..n]);
+        }
         let mut events = Vec::new();
         let inner = &mut self.inner;
-        let result = self.tar.feed(input, &mut |item: TarItem<'_>| -> Result<(), XvaError> {
-            inner.on_item(item, &mut events)
-        });
+        let result = self
+            .tar
+            .feed(input, &mut |item: TarItem<'_>| -> Result<(), XvaError> {
+                inner.on_item(item, &mut events)
+            });
         match result {
             Ok(()) => Ok(events),
             Err(e) => {
+                let e = match e {
+                    XvaError::Tar(
+                        TarError::BadChecksum { offset: 0, .. }
+                        | TarError::BadNumber { offset: 0, .. },
+                    ) => compressed_input(&self.head).map_or(e, |what| XvaError::NotAnXva {
+                        found: format!("{what}-compressed data"),
+                    }),
+                    e => e,
+                };
                 self.failed = Some(e.clone());
                 Err(e)
             }
@@ -202,6 +220,17 @@ impl XvaDecoder {
             Stage::Between => "the tar end (two zero blocks) is missing".to_string(),
         };
         Err(XvaError::Truncated(at))
+    }
+}
+
+/// Names the compression of a stream that starts with `head`, if recognised.
+fn compressed_input(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Some("gzip")
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some("zstd")
+    } else {
+        None
     }
 }
 
@@ -316,7 +345,11 @@ impl Inner {
         true
     }
 
-    fn on_chunk_header(&mut self, h: TarHeader, events: &mut Vec<XvaEvent>) -> Result<(), XvaError> {
+    fn on_chunk_header(
+        &mut self,
+        h: TarHeader,
+        events: &mut Vec<XvaEvent>,
+    ) -> Result<(), XvaError> {
         if !self.open_next_disk(events) {
             return Err(XvaError::UnexpectedEntry {
                 expected: "the tar end: every disk of ova.xml is complete".to_string(),
@@ -334,7 +367,10 @@ impl Inner {
             ),
             found: name,
         };
-        let Some(suffix) = h.name.strip_prefix(id.as_str()).and_then(|s| s.strip_prefix('/'))
+        let Some(suffix) = h
+            .name
+            .strip_prefix(id.as_str())
+            .and_then(|s| s.strip_prefix('/'))
         else {
             return Err(unexpected(h.name));
         };
@@ -498,10 +534,17 @@ impl Inner {
                 });
             }
             Stage::Between => {}
-            _ => return Err(XvaError::Truncated("the tar end came inside an entry".into())),
+            _ => {
+                return Err(XvaError::Truncated(
+                    "the tar end came inside an entry".into(),
+                ));
+            }
         }
         if self.disk_open {
-            let d = self.disk().map(|d| (d.id.clone(), d.virtual_size)).unwrap_or_default();
+            let d = self
+                .disk()
+                .map(|d| (d.id.clone(), d.virtual_size))
+                .unwrap_or_default();
             return Err(XvaError::Truncated(format!(
                 "the tar end came when disk {} had {} of its {} bytes (a writer must always \
                  write the last chunk)",

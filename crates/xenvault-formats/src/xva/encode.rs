@@ -174,7 +174,9 @@ impl XvaEncoder {
     /// come in increasing offset order; ranges between them are zeros.
     pub fn push(&mut self, extent: Extent) -> Result<(), XvaError> {
         let Some((index, queued_end)) = self.open_disk else {
-            return Err(XvaError::Usage("push outside start_disk/end_disk".to_string()));
+            return Err(XvaError::Usage(
+                "push outside start_disk/end_disk".to_string(),
+            ));
         };
         let disk = &self.disks[index];
         let end = extent.offset.checked_add(extent.len());

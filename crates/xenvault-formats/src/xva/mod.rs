@@ -69,8 +69,7 @@ mod ova;
 pub use decode::{XvaDecoder, XvaDecoderOptions, XvaEvent};
 pub use encode::{XvaEncoder, XvaEncoderOptions, checksum_text};
 pub use ova::{
-    EXPORT_VSN, ExportRecords, NEVER, NULL_REF, OvaBuilder, OvaObject, OvaVersion, OvaXml,
-    XvaDisk,
+    EXPORT_VSN, ExportRecords, NEVER, NULL_REF, OvaBuilder, OvaObject, OvaVersion, OvaXml, XvaDisk,
 };
 
 use crate::tar::TarError;
@@ -142,7 +141,9 @@ pub enum XvaError {
         found: String,
     },
     /// A checksum entry with an extension other than `.xxhash` or `.checksum`.
-    #[error("disk {disk}: chunk {chunk}: unknown checksum file {entry:?} (expected .xxhash or .checksum)")]
+    #[error(
+        "disk {disk}: chunk {chunk}: unknown checksum file {entry:?} (expected .xxhash or .checksum)"
+    )]
     UnknownChecksum {
         /// The disk's XVA id.
         disk: String,

@@ -187,10 +187,18 @@ impl OvaXml {
         let mut objects = Vec::with_capacity(objs.len());
         for (i, o) in objs.iter().enumerate() {
             let what = format!("objects[{i}]");
-            let class = o.member("class").and_then(Value::as_str).map_err(|e| bad(&what, e))?;
-            let id = o.member("id").and_then(Value::as_str).map_err(|e| bad(&what, e))?;
+            let class = o
+                .member("class")
+                .and_then(Value::as_str)
+                .map_err(|e| bad(&what, e))?;
+            let id = o
+                .member("id")
+                .and_then(Value::as_str)
+                .map_err(|e| bad(&what, e))?;
             let snapshot = o.member("snapshot").map_err(|e| bad(&what, e))?;
-            snapshot.as_struct().map_err(|e| bad(&format!("{what}.snapshot"), e))?;
+            snapshot
+                .as_struct()
+                .map_err(|e| bad(&format!("{what}.snapshot"), e))?;
             objects.push(OvaObject {
                 class: class.to_string(),
                 id: id.to_string(),
@@ -260,7 +268,9 @@ impl OvaXml {
             let vdi = self
                 .object(id)
                 .filter(|o| o.class == "VDI")
-                .ok_or_else(|| XvaError::OvaXml(format!("{id} is referenced as a VDI but is not one")))?;
+                .ok_or_else(|| {
+                    XvaError::OvaXml(format!("{id} is referenced as a VDI but is not one"))
+                })?;
             let size = vdi
                 .snapshot
                 .member("virtual_size")
@@ -304,8 +314,9 @@ pub struct ExportRecords {
     pub srs: Vec<(String, Value)>,
 }
 
-/// How the builder rewrites records (xapi's `/export` flags).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the builder rewrites records (xapi's `/export` flags). The default is
+/// a plain `/export`: version 1.20, ids from `Ref:0`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OvaBuilder {
     /// The `version` struct to write.
     pub version: OvaVersion,
@@ -319,16 +330,6 @@ pub struct OvaBuilder {
     pub with_snapshot_metadata: bool,
 }
 
-impl Default for OvaBuilder {
-    fn default() -> Self {
-        OvaBuilder {
-            version: OvaVersion::default(),
-            first_id: 0,
-            preserve_power_state: false,
-            with_snapshot_metadata: false,
-        }
-    }
-}
 
 struct Table {
     ids: HashMap<String, String>,
@@ -456,7 +457,10 @@ impl OvaBuilder {
         for vbd_ref in refs(vm, "VBDs") {
             let vbd = record("VBD", &records.vbds, vbd_ref)?;
             t.add("VBD", vbd_ref);
-            let empty = vbd.get("empty").and_then(|v| v.as_bool().ok()).unwrap_or(false);
+            let empty = vbd
+                .get("empty")
+                .and_then(|v| v.as_bool().ok())
+                .unwrap_or(false);
             let vdi_ref = field_str(vbd, "VDI").unwrap_or(NULL_REF);
             if !empty && vdi_ref != NULL_REF {
                 add_vdi(&mut t, vdi_ref)?;
@@ -484,7 +488,13 @@ impl OvaBuilder {
                 let orig = rec.clone();
                 let lookup = |name: &str| t.lookup(orig.get(name).unwrap_or(&Value::Nil));
                 let filter = |name: &str| t.filter(orig.get(name));
-                let kept = |name: &str, v: Value| if keep_snap { orig.get(name).cloned().unwrap_or(v) } else { v };
+                let kept = |name: &str, v: Value| {
+                    if keep_snap {
+                        orig.get(name).cloned().unwrap_or(v)
+                    } else {
+                        v
+                    }
+                };
                 set(&mut rec, "current_operations", empty_map());
                 set(&mut rec, "allowed_operations", empty_set());
                 match *c {
@@ -492,15 +502,39 @@ impl OvaBuilder {
                         if !keep_power {
                             set(&mut rec, "power_state", Value::str("Halted"));
                         }
-                        let suspend = if keep_power { lookup("suspend_VDI") } else { Value::str(NULL_REF) };
+                        let suspend = if keep_power {
+                            lookup("suspend_VDI")
+                        } else {
+                            Value::str(NULL_REF)
+                        };
                         set(&mut rec, "suspend_VDI", suspend);
-                        set(&mut rec, "is_a_snapshot", kept("is_a_snapshot", Value::Bool(false)));
-                        let snapshot_of = if keep_snap { lookup("snapshot_of") } else { Value::str(NULL_REF) };
+                        set(
+                            &mut rec,
+                            "is_a_snapshot",
+                            kept("is_a_snapshot", Value::Bool(false)),
+                        );
+                        let snapshot_of = if keep_snap {
+                            lookup("snapshot_of")
+                        } else {
+                            Value::str(NULL_REF)
+                        };
                         set(&mut rec, "snapshot_of", snapshot_of);
                         set(&mut rec, "snapshots", kept("snapshots", empty_set()));
-                        set(&mut rec, "snapshot_time", kept("snapshot_time", Value::DateTime(NEVER.to_string())));
-                        set(&mut rec, "transportable_snapshot_id", kept("transportable_snapshot_id", Value::str("")));
-                        let parent = if keep_snap { lookup("parent") } else { Value::str(NULL_REF) };
+                        set(
+                            &mut rec,
+                            "snapshot_time",
+                            kept("snapshot_time", Value::DateTime(NEVER.to_string())),
+                        );
+                        set(
+                            &mut rec,
+                            "transportable_snapshot_id",
+                            kept("transportable_snapshot_id", Value::str("")),
+                        );
+                        let parent = if keep_snap {
+                            lookup("parent")
+                        } else {
+                            Value::str(NULL_REF)
+                        };
                         set(&mut rec, "parent", parent);
                         set(&mut rec, "VIFs", filter("VIFs"));
                         set(&mut rec, "VBDs", filter("VBDs"));

@@ -1,5 +1,6 @@
 //! Shared helpers of the XVA integration tests: records, seeded disks, and
 //! whole-archive encode/decode.
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -26,7 +27,10 @@ fn refs(items: &[String]) -> Value {
 pub fn records(sizes: &[u64]) -> ExportRecords {
     let vbd_refs: Vec<String> = (0..sizes.len())
         .map(|i| format!("OpaqueRef:vbd{i}"))
-        .chain(["OpaqueRef:cd-empty".to_string(), "OpaqueRef:cd-iso".to_string()])
+        .chain([
+            "OpaqueRef:cd-empty".to_string(),
+            "OpaqueRef:cd-iso".to_string(),
+        ])
         .collect();
     let vm = Value::record([
         ("uuid", Value::str("11111111-0000-0000-0000-000000000000")),
@@ -36,14 +40,20 @@ pub fn records(sizes: &[u64]) -> ExportRecords {
         ("is_a_snapshot", Value::Bool(true)),
         ("snapshot_of", Value::str("OpaqueRef:origin")),
         ("snapshots", refs(&["OpaqueRef:s1".to_string()])),
-        ("snapshot_time", Value::DateTime("20260101T01:02:03Z".into())),
+        (
+            "snapshot_time",
+            Value::DateTime("20260101T01:02:03Z".into()),
+        ),
         ("transportable_snapshot_id", Value::str("xyz")),
         ("parent", Value::str("OpaqueRef:parent")),
         (
             "current_operations",
             Value::record([("OpaqueRef:task", Value::str("export"))]),
         ),
-        ("allowed_operations", Value::Array(vec![Value::str("start")])),
+        (
+            "allowed_operations",
+            Value::Array(vec![Value::str("start")]),
+        ),
         ("VBDs", refs(&vbd_refs)),
         ("VIFs", refs(&["OpaqueRef:vif0".to_string()])),
         ("VGPUs", Value::Array(vec![])),
@@ -56,7 +66,10 @@ pub fn records(sizes: &[u64]) -> ExportRecords {
         ("guest_metrics", Value::str("OpaqueRef:gm")),
         ("suspend_VDI", Value::str("OpaqueRef:NULL")),
         ("protection_policy", Value::str("OpaqueRef:NULL")),
-        ("blobs", Value::record([("b", Value::str("OpaqueRef:blob"))])),
+        (
+            "blobs",
+            Value::record([("b", Value::str("OpaqueRef:blob"))]),
+        ),
         ("memory_static_max", Value::str("1073741824")),
     ]);
     let mut vbds = Vec::new();
@@ -65,7 +78,10 @@ pub fn records(sizes: &[u64]) -> ExportRecords {
         vbds.push((
             format!("OpaqueRef:vbd{i}"),
             Value::record([
-                ("uuid", Value::str(format!("22222222-0000-0000-0000-00000000000{i}"))),
+                (
+                    "uuid",
+                    Value::str(format!("22222222-0000-0000-0000-00000000000{i}")),
+                ),
                 ("VM", Value::str("OpaqueRef:vm")),
                 ("VDI", Value::str(format!("OpaqueRef:vdi{i}"))),
                 ("type", Value::str("Disk")),
@@ -74,7 +90,10 @@ pub fn records(sizes: &[u64]) -> ExportRecords {
                 ("currently_attached", Value::Bool(true)),
                 ("metrics", Value::str("OpaqueRef:vbdm")),
                 ("current_operations", Value::record::<&str>([])),
-                ("allowed_operations", Value::Array(vec![Value::str("attach")])),
+                (
+                    "allowed_operations",
+                    Value::Array(vec![Value::str("attach")]),
+                ),
             ]),
         ));
         vdis.push((
@@ -83,7 +102,10 @@ pub fn records(sizes: &[u64]) -> ExportRecords {
                 ("uuid", Value::str(vdi_uuid(i))),
                 ("name_label", Value::str(format!("disk {i}"))),
                 ("SR", Value::str("OpaqueRef:sr")),
-                ("VBDs", refs(&[format!("OpaqueRef:vbd{i}"), "OpaqueRef:other".to_string()])),
+                (
+                    "VBDs",
+                    refs(&[format!("OpaqueRef:vbd{i}"), "OpaqueRef:other".to_string()]),
+                ),
                 ("virtual_size", Value::str(size.to_string())),
                 ("type", Value::str("user")),
                 ("snapshot_of", Value::str("OpaqueRef:orig-vdi")),
@@ -143,7 +165,13 @@ pub fn records(sizes: &[u64]) -> ExportRecords {
             Value::record([
                 ("name_label", Value::str("Pool-wide network")),
                 ("bridge", Value::str("xenbr0")),
-                ("VIFs", refs(&["OpaqueRef:vif0".to_string(), "OpaqueRef:vif-other".to_string()])),
+                (
+                    "VIFs",
+                    refs(&[
+                        "OpaqueRef:vif0".to_string(),
+                        "OpaqueRef:vif-other".to_string(),
+                    ]),
+                ),
                 ("PIFs", refs(&["OpaqueRef:pif".to_string()])),
             ]),
         )],
@@ -153,7 +181,10 @@ pub fn records(sizes: &[u64]) -> ExportRecords {
                 Value::record([
                     ("name_label", Value::str("Local storage")),
                     ("content_type", Value::str("user")),
-                    ("VDIs", refs(&["OpaqueRef:vdi0".to_string(), "OpaqueRef:x".to_string()])),
+                    (
+                        "VDIs",
+                        refs(&["OpaqueRef:vdi0".to_string(), "OpaqueRef:x".to_string()]),
+                    ),
                     ("PBDs", refs(&["OpaqueRef:pbd".to_string()])),
                 ]),
             ),
@@ -220,7 +251,9 @@ pub fn encode_with(
     let mut enc = XvaEncoder::new(ova, options).unwrap();
     let mut out = Vec::new();
     for d in enc.disks().to_vec() {
-        let i = (0..disks.len()).find(|&i| vdi_uuid(i) == d.vdi_uuid).unwrap();
+        let i = (0..disks.len())
+            .find(|&i| vdi_uuid(i) == d.vdi_uuid)
+            .unwrap();
         enc.start_disk(&d.id).unwrap();
         let mut raw = RawDecoder::new();
         let mut extents = raw.feed(&disks[i]);
@@ -291,7 +324,10 @@ pub fn disks_of(events: &[XvaEvent]) -> BTreeMap<String, Vec<u8>> {
 pub fn entries(archive: &[u8]) -> Vec<(String, u64, u64, Vec<u8>)> {
     let mut p = TarParser::new();
     let mut out: Vec<(String, u64, u64, Vec<u8>)> = Vec::new();
-    p.feed(archive, &mut |item: TarItem<'_>| -> Result<(), xenvault_formats::tar::TarError> {
+    p.feed(archive, &mut |item: TarItem<'_>| -> Result<
+        (),
+        xenvault_formats::tar::TarError,
+    > {
         match item {
             TarItem::Entry(h) => out.push((h.name, h.size, h.mtime, Vec::new())),
             TarItem::Data(d) => out.last_mut().unwrap().3.extend_from_slice(d),

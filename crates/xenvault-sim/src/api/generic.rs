@@ -10,18 +10,16 @@ use super::{Ctx, arg_str, void};
 use crate::db::Fields;
 use crate::error::{ApiError, ApiResult};
 
-/// Runs an implicit message; explicit messages without an implementation
-/// answer `NOT_IMPLEMENTED [Class.method]`.
+/// Runs an implicit message, or an explicit one whose name is a field
+/// operation (`task.set_progress`, `VM.set_memory_static_max`…), as a plain
+/// field update; other explicit messages without an implementation answer
+/// `NOT_IMPLEMENTED [Class.method]`.
 pub fn call(ctx: &Ctx<'_>, class: &str, msg: &str, args: &[Value]) -> ApiResult<Value> {
     let pool = ctx.pool;
     let dm = pool.dm;
     let Some(c) = dm.class(class) else {
         return Err(ApiError::new("MESSAGE_METHOD_UNKNOWN", [format!("{class}.{msg}")]));
     };
-    let implicit = c.messages.get(msg).is_none_or(|m| m.implicit);
-    if !implicit {
-        return Err(ApiError::new("NOT_IMPLEMENTED", [format!("{class}.{msg}")]));
-    }
     match msg {
         "get_record" => return pool.db().record_value(class, &arg_str(args, 0)),
         "get_by_uuid" => return pool.db().by_uuid(class, &arg_str(args, 0)).map(Value::String),

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::AsyncWriteExt;
 use xenvault_formats::xva::{
-    CHUNK_SIZE, ExportRecords, OvaBuilder, OvaVersion, OvaXml, XvaEncoder, XvaEncoderOptions,
+    CHUNK_SIZE, ChecksumKind, ExportRecords, OvaBuilder, OvaVersion, OvaXml, XvaEncoder,
+    XvaEncoderOptions,
 };
 use xenvault_types::{Extent, Value};
 
@@ -176,7 +177,18 @@ fn write_xva(
     progress: &mut Progress,
 ) -> Result<(), ApiError> {
     let bad = |e: xenvault_formats::xva::XvaError| ApiError::internal(format!("XVA encoder: {e}"));
-    let mut enc = XvaEncoder::new(ova, XvaEncoderOptions::default()).map_err(bad)?;
+    // xapi ≥ 1.170 writes `.xxhash`, older ones SHA-1 `.checksum` (xapi-facts §4.4): the
+    // simulated host's version decides.
+    let legacy = (ova.version.xapi_major, ova.version.xapi_minor) < (1, 170);
+    let options = XvaEncoderOptions {
+        checksum: if legacy {
+            ChecksumKind::Sha1
+        } else {
+            ChecksumKind::XxHash
+        },
+        ..XvaEncoderOptions::default()
+    };
+    let mut enc = XvaEncoder::new(ova, options).map_err(bad)?;
     let drain = |enc: &mut XvaEncoder, out: &mut dyn Write| -> Result<(), ApiError> {
         while let Some(piece) = enc.next_output().map_err(bad)? {
             out.write_all(&piece).map_err(io_api_error)?;

@@ -184,18 +184,20 @@ impl ImportJob {
             return Err(ApiError::new("IMPORT_INCOMPATIBLE_VERSION", [""; 0]));
         }
         let disks = ova.disks().map_err(xva_error)?;
-        if self.pool.faults.sr_full() {
+        {
             let need: u64 = disks.iter().map(|d| d.virtual_size).sum();
-            let max = self
-                .pool
-                .db()
-                .get("SR", &self.sr)
-                .map(|r| r.int_of("physical_size"))
-                .unwrap_or(0);
-            return Err(ApiError::new(
-                "SR_FULL",
-                [need.to_string(), max.to_string()],
-            ));
+            let db = self.pool.db();
+            // Thin SRs: only the data written counts, so ask for nothing up front
+            // (the `sr_full` fault still fails here).
+            crate::api::storage::check_space(&self.pool, &db, &self.sr, 0).map_err(|e| {
+                ApiError::new(
+                    &e.code,
+                    [
+                        need.to_string(),
+                        e.params.get(1).cloned().unwrap_or_default(),
+                    ],
+                )
+            })?;
         }
         let mut ids: HashMap<String, String> = HashMap::new();
         let mut disk_uuids = HashMap::new();
@@ -531,10 +533,7 @@ pub async fn handle_import(pool: Arc<Pool>, req: Request, mut conn: Conn) -> Han
     })
     .await;
     match (result, end) {
-        (Ok(xml), BodyEnd::Complete | BodyEnd::ConsumerDone | BodyEnd::Premature(_)) => {
-            pool.task_complete(&task, &xml)
-        }
-        (Ok(_), BodyEnd::Cut(n)) => pool.task_fail(
+        (_, BodyEnd::Cut(n)) => pool.task_fail(
             &task,
             &ApiError::new(
                 "VDI_IO_ERROR",
@@ -543,9 +542,20 @@ pub async fn handle_import(pool: Arc<Pool>, req: Request, mut conn: Conn) -> Han
                 )],
             ),
         ),
-        (Ok(xml), BodyEnd::Error(_)) => pool.task_complete(&task, &xml),
+        (Ok(xml), end) => {
+            // The archive was complete: a client that drops the socket after the data
+            // (XO sends a fake length) still succeeds, as with xapi.
+            if let BodyEnd::Premature(n) = end {
+                tracing::debug!("import: the client closed after {n} bytes, after the tar end");
+            }
+            if let BodyEnd::Error(e) = end {
+                tracing::debug!("import: socket error after the tar end: {e}");
+            }
+            pool.task_complete(&task, &xml)
+        }
         (Err(e), _) => pool.task_fail(&task, &e),
     }
+    crate::api::storage::refresh_all(&pool);
     let _ = conn.shutdown().await;
     drop(begun);
     Ok(None)

@@ -43,7 +43,7 @@ pub fn register(router: &mut Router) {
 /// An authenticated request with the task it runs in.
 pub(crate) struct Begun {
     /// Kept alive for the whole transfer (a Basic-auth session is logged out on drop).
-    pub session: HttpSession,
+    pub _session: HttpSession,
     /// The task ref.
     pub task: String,
 }
@@ -68,7 +68,10 @@ pub(crate) async fn begin(
         return Ok(None);
     };
     let task = pool.http_task(req, label);
-    Ok(Some(Begun { session, task }))
+    Ok(Some(Begun {
+        _session: session,
+        task,
+    }))
 }
 
 /// Fails the task and answers `status` before any `200` was sent (xapi's `Http_svr`

@@ -527,12 +527,19 @@ pub async fn handle_import(pool: Arc<Pool>, req: Request, mut conn: Conn) -> Han
         &[("Connection", "close"), ("task-id", &task)],
     )
     .await?;
-    if pool.faults.sr_full() {
-        let max = sr_physical_size(&pool, &vdi.sr);
-        pool.task_fail(
-            &task,
-            &ApiError::new("SR_FULL", [vdi.size.to_string(), max.to_string()]),
+    let space = {
+        let db = pool.db();
+        crate::api::storage::check_space(&pool, &db, &vdi.sr, 0)
+    };
+    if let Err(e) = space {
+        let e = ApiError::new(
+            &e.code,
+            [
+                vdi.size.to_string(),
+                e.params.get(1).cloned().unwrap_or_default(),
+            ],
         );
+        pool.task_fail(&task, &e);
         let _ = conn.shutdown().await;
         return Ok(None);
     }
@@ -575,16 +582,13 @@ pub async fn handle_import(pool: Arc<Pool>, req: Request, mut conn: Conn) -> Han
         (Err(e), _) => pool.task_fail(&task, &e),
     }
     drop(vbd);
+    {
+        let mut db = pool.db();
+        crate::api::storage::refresh_sr(&pool, &mut db, &vdi.sr);
+    }
     let _ = conn.shutdown().await;
     drop(begun);
     Ok(None)
-}
-
-fn sr_physical_size(pool: &Pool, sr: &str) -> i64 {
-    pool.db()
-        .get("SR", sr)
-        .map(|r| r.int_of("physical_size"))
-        .unwrap_or(0)
 }
 
 /// Without `vdi=`: `sr_id` + `format=raw` + `Content-Length` create "Imported VDI".
@@ -607,14 +611,9 @@ fn new_import_vdi(
         .param("sr_id")
         .ok_or((ApiError::internal("missing vdi= or sr_id= parameter"), 400))?;
     let sr = resolve(pool, "SR", &sr_param).map_err(|e| (e, 500))?;
-    if pool.faults.sr_full() {
-        return Err((
-            ApiError::new(
-                "SR_FULL",
-                [size.to_string(), sr_physical_size(pool, &sr).to_string()],
-            ),
-            500,
-        ));
+    {
+        let db = pool.db();
+        crate::api::storage::check_space(pool, &db, &sr, size).map_err(|e| (e, 500))?;
     }
     let uuid = uuid::Uuid::new_v4().to_string();
     let sr_uuid = pool

@@ -60,8 +60,7 @@ impl Write for PipeWriter {
 }
 
 /// A `std::io::Read` over body pieces the async side receives from the socket.
-/// A premature end of the body reads as EOF; the async side reports why through
-/// [`PipeReader::ended_early`]-style checks by the caller.
+/// A premature end of the body reads as EOF; the async side reports why it ended.
 pub struct PipeReader {
     rx: mpsc::Receiver<Vec<u8>>,
     cur: Vec<u8>,
@@ -114,14 +113,13 @@ impl Progress {
     /// Counts `n` more bytes done.
     pub fn advance(&mut self, n: u64) -> Result<(), ApiError> {
         self.done += n;
-        if self.total > 0 {
-            let pct = (self.done.min(self.total) * 100) / self.total;
-            if pct > self.last_percent {
-                self.last_percent = pct;
-                // Leave 1.0 to the completion, as xapi does.
-                self.pool
-                    .task_set_progress(&self.task, (pct as f64 / 100.0).min(0.99));
-            }
+        if let Some(pct) = (self.done.min(self.total) * 100).checked_div(self.total)
+            && pct > self.last_percent
+        {
+            self.last_percent = pct;
+            // Leave 1.0 to the completion, as xapi does.
+            self.pool
+                .task_set_progress(&self.task, (pct as f64 / 100.0).min(0.99));
         }
         if self.last_check.elapsed() > Duration::from_millis(200) {
             self.last_check = Instant::now();

@@ -283,6 +283,21 @@ impl NbdOptions {
     }
 }
 
+impl NbdOptions {
+    /// Options from a `VDI.get_nbd_info` record (see [`NbdOptions::from_nbd_info`]).
+    pub fn from_record(info: &crate::records::NbdInfo) -> Result<NbdOptions, NbdError> {
+        let port = u16::try_from(info.port).map_err(|_| {
+            NbdError::Violation(format!("VDI.get_nbd_info gave port {}", info.port))
+        })?;
+        Ok(NbdOptions::from_nbd_info(
+            &info.address,
+            port,
+            &info.exportname,
+            &info.cert,
+        ))
+    }
+}
+
 trait AsyncIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncIo for T {}
 type BoxedIo = Box<dyn AsyncIo>;
@@ -726,8 +741,8 @@ impl NbdConnection {
                 size,
             });
         }
-        let end_ok = end.is_some_and(|end| end % NBD_ALIGNMENT == 0 || end == size);
-        if offset % NBD_ALIGNMENT != 0 || !end_ok {
+        let end_ok = end.is_some_and(|end| end.is_multiple_of(NBD_ALIGNMENT) || end == size);
+        if !offset.is_multiple_of(NBD_ALIGNMENT) || !end_ok {
             return Err(NbdError::Unaligned { offset, length });
         }
         if length > u64::from(self.max_request) {
@@ -1144,17 +1159,113 @@ async fn read_chunk(
     Ok(())
 }
 
-/// Several connections to one export; reads are spread over them.
+/// One connection position of a multi-connection reader; a dead connection is
+/// replaced in place.
+#[derive(Debug)]
+struct Slot {
+    current: Mutex<Arc<NbdConnection>>,
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn new(connection: Arc<NbdConnection>) -> Slot {
+        Slot {
+            current: Mutex::new(connection),
+            reconnecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn get(&self) -> Option<Arc<NbdConnection>> {
+        self.current.lock().ok().map(|c| c.clone())
+    }
+
+    /// Replaces `dead` by a new connection, unless another task already did.
+    async fn replace(&self, dead: &Arc<NbdConnection>, retry: &RetryPolicy) {
+        let Some(options) = &retry.reconnect else {
+            return;
+        };
+        let _guard = self.reconnecting.lock().await;
+        if self.get().is_some_and(|c| !Arc::ptr_eq(&c, dead)) {
+            return;
+        }
+        tokio::time::sleep(retry.delay).await;
+        match NbdConnection::connect(options).await {
+            Ok(fresh) => {
+                if let Ok(mut current) = self.current.lock() {
+                    *current = Arc::new(fresh);
+                }
+                tracing::info!(address = %options.address, "NBD connection re-established");
+            }
+            Err(e) => {
+                tracing::warn!(address = %options.address, error = %e, "NBD reconnection failed");
+            }
+        }
+    }
+}
+
+/// How a multi-connection reader retries pieces.
+#[derive(Debug, Clone)]
+struct RetryPolicy {
+    /// Options to open replacement connections with (none: no reconnection).
+    reconnect: Option<NbdOptions>,
+    /// Tries per piece (at least one per connection).
+    attempts: usize,
+    /// Wait before reconnecting.
+    delay: Duration,
+}
+
+/// Reads one piece on slot `first % n`. On a transient failure (lost connection,
+/// timeout) the dead connection is replaced and the piece is tried again on the
+/// next slot, up to the policy's number of attempts (XO: 5 tries, 1 s apart).
+async fn read_piece(
+    slots: &[Slot],
+    retry: &RetryPolicy,
+    first: usize,
+    range: Range<u64>,
+) -> Result<Vec<Extent>, NbdError> {
+    let n = slots.len();
+    let mut last_error = NbdError::NoConnection("reader has no connection".into());
+    for attempt in 0..retry.attempts.max(n) {
+        let Some(slot) = slots.get((first + attempt) % n.max(1)) else {
+            break;
+        };
+        let Some(connection) = slot.get() else {
+            continue;
+        };
+        match connection.read_extents(range.clone()).await {
+            Ok(extents) => return Ok(extents),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(
+                    address = %connection.address,
+                    offset = range.start,
+                    attempt,
+                    error = %e,
+                    "NBD read failed; retrying"
+                );
+                last_error = e;
+                slot.replace(&connection, retry).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error)
+}
+
+/// Several connections to one export; reads are spread over them, and a piece
+/// whose connection dies is read again on another (reconnected) connection.
 #[derive(Debug, Clone)]
 pub struct NbdMultiReader {
-    connections: Vec<Arc<NbdConnection>>,
+    slots: Arc<Vec<Slot>>,
+    retry: Arc<RetryPolicy>,
     in_flight_per_connection: usize,
     piece: u64,
 }
 
 impl NbdMultiReader {
     /// Opens `count` connections one after the other (XO does the same to avoid
-    /// races in xapi). Connections that fail are skipped as long as one succeeds.
+    /// races in xapi; xapi-nbd allows [`XAPI_NBD_MAX_CONNECTIONS`] per host).
+    /// Connections that fail are skipped as long as one succeeds; dead connections
+    /// are later re-opened with the same options.
     pub async fn connect(options: &NbdOptions, count: usize) -> Result<NbdMultiReader, NbdError> {
         let count = count.max(1);
         let mut connections = Vec::with_capacity(count);
@@ -1176,19 +1287,28 @@ impl NbdMultiReader {
                 last_error.map(|e| e.to_string()).unwrap_or_default(),
             ));
         }
-        Ok(NbdMultiReader::from_connections(
-            connections,
-            options.max_in_flight,
-        ))
+        let mut reader = NbdMultiReader::from_connections(connections, options.max_in_flight);
+        reader.retry = Arc::new(RetryPolicy {
+            reconnect: Some(options.clone()),
+            attempts: 5,
+            delay: Duration::from_secs(1),
+        });
+        Ok(reader)
     }
 
-    /// Wraps open connections to the same export.
+    /// Wraps open connections to the same export (failed pieces move to another
+    /// connection; no reconnection).
     pub fn from_connections(
         connections: Vec<Arc<NbdConnection>>,
         in_flight_per_connection: usize,
     ) -> NbdMultiReader {
         NbdMultiReader {
-            connections,
+            slots: Arc::new(connections.into_iter().map(Slot::new).collect()),
+            retry: Arc::new(RetryPolicy {
+                reconnect: None,
+                attempts: 1,
+                delay: Duration::ZERO,
+            }),
             in_flight_per_connection: in_flight_per_connection.max(1),
             piece: DEFAULT_READ_PIECE,
         }
@@ -1200,14 +1320,27 @@ impl NbdMultiReader {
         self
     }
 
-    /// Number of open connections.
+    /// Sets the tries per piece and the wait before a reconnection (default 5 and
+    /// 1 s, as XO).
+    pub fn with_retries(mut self, attempts: usize, delay: Duration) -> NbdMultiReader {
+        let mut retry = (*self.retry).clone();
+        retry.attempts = attempts.max(1);
+        retry.delay = delay;
+        self.retry = Arc::new(retry);
+        self
+    }
+
+    /// Number of connections.
     pub fn connection_count(&self) -> usize {
-        self.connections.len()
+        self.slots.len()
     }
 
     /// Size of the export.
     pub fn size(&self) -> u64 {
-        self.connections.first().map_or(0, |c| c.size())
+        self.slots
+            .first()
+            .and_then(Slot::get)
+            .map_or(0, |c| c.size())
     }
 
     /// Reads the given byte ranges and yields extents in offset order.
@@ -1218,7 +1351,7 @@ impl NbdMultiReader {
     /// the disk size. Ranges must be 512-aligned (the end of the export excepted).
     pub fn read_ranges(
         &self,
-        ranges: Vec<Range<u64>>,
+        ranges: impl IntoIterator<Item = Range<u64>>,
     ) -> BoxStream<'static, Result<Extent, NbdError>> {
         let mut ranges: Vec<Range<u64>> = ranges.into_iter().filter(|r| r.end > r.start).collect();
         ranges.sort_by_key(|r| r.start);
@@ -1229,13 +1362,14 @@ impl NbdMultiReader {
                 _ => merged.push(r),
             }
         }
-        let piece = self.piece.min(u64::from(
-            self.connections
-                .iter()
-                .map(|c| c.max_request())
-                .min()
-                .unwrap_or(proto::MAX_READ_LEN),
-        ));
+        let max_request = self
+            .slots
+            .iter()
+            .filter_map(Slot::get)
+            .map(|c| c.max_request())
+            .min()
+            .unwrap_or(proto::MAX_READ_LEN);
+        let piece = self.piece.min(u64::from(max_request));
         let pieces = merged.into_iter().flat_map(move |r| {
             let mut start = r.start;
             std::iter::from_fn(move || {
@@ -1247,19 +1381,16 @@ impl NbdMultiReader {
                 })
             })
         });
-        let connections = self.connections.clone();
-        let depth = connections.len() * self.in_flight_per_connection;
+        let slots = self.slots.clone();
+        let retry = self.retry.clone();
+        let depth = slots.len() * self.in_flight_per_connection;
         let next = Arc::new(AtomicUsize::new(0));
         stream::iter(pieces)
             .map(move |range| {
-                let i = next.fetch_add(1, Ordering::Relaxed) % connections.len().max(1);
-                let connection = connections.get(i).cloned();
-                async move {
-                    match connection {
-                        Some(c) => c.read_extents(range).await,
-                        None => Err(NbdError::NoConnection("reader has no connection".into())),
-                    }
-                }
+                let first = next.fetch_add(1, Ordering::Relaxed);
+                let slots = slots.clone();
+                let retry = retry.clone();
+                async move { read_piece(&slots, &retry, first, range).await }
             })
             .buffered(depth.max(1))
             .flat_map(|result| match result {
@@ -1269,11 +1400,16 @@ impl NbdMultiReader {
             .boxed()
     }
 
-    /// Disconnects every connection.
+    /// Disconnects every connection (streams from [`Self::read_ranges`] should be
+    /// dropped first; connections they still hold close when they are dropped).
     pub async fn disconnect(self) {
-        for connection in self.connections {
-            if let Ok(c) = Arc::try_unwrap(connection) {
-                let _ = c.disconnect().await;
+        if let Ok(slots) = Arc::try_unwrap(self.slots) {
+            for slot in slots {
+                if let Ok(current) = slot.current.into_inner()
+                    && let Ok(c) = Arc::try_unwrap(current)
+                {
+                    let _ = c.disconnect().await;
+                }
             }
         }
     }

@@ -930,7 +930,7 @@ pub fn encode_block_status(context_id: u32, extents: &[BlockStatusExtent]) -> Ve
 
 /// Decodes an `NBD_REPLY_TYPE_BLOCK_STATUS` payload into `(context id, extents)`.
 pub fn decode_block_status(payload: &[u8]) -> Result<(u32, Vec<BlockStatusExtent>), ProtoError> {
-    if payload.len() < 4 || (payload.len() - 4) % 8 != 0 {
+    if payload.len() < 4 || !(payload.len() - 4).is_multiple_of(8) {
         return Err(malformed(
             "block status reply",
             format!("payload of {} bytes is not 4 + 8*n", payload.len()),
@@ -1024,6 +1024,7 @@ impl fmt::Display for ExportInfo {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

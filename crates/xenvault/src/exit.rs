@@ -1,0 +1,35 @@
+//! Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 partial.
+
+/// What the process tells its caller (cron, a script) when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    /// Everything asked for was done.
+    Success = 0,
+    /// The command failed.
+    Failure = 1,
+    /// The command line or the configuration is wrong; nothing was done.
+    Usage = 2,
+    /// Some VMs failed, others succeeded.
+    #[allow(dead_code)] // used by backup runs (issue 3)
+    Partial = 3,
+}
+
+impl From<ExitCode> for std::process::ExitCode {
+    fn from(code: ExitCode) -> Self {
+        std::process::ExitCode::from(code as u8)
+    }
+}
+
+/// An error that means "bad usage or configuration" (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for an error: 2 for usage errors, 1 otherwise.
+pub fn code_of(err: &anyhow::Error) -> ExitCode {
+    if err.downcast_ref::<UsageError>().is_some() {
+        ExitCode::Usage
+    } else {
+        ExitCode::Failure
+    }
+}

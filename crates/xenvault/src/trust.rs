@@ -1,0 +1,76 @@
+//! `xenvault trust URL`: show a pool's certificate fingerprint, to pin it.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use xenvault_xapi::tls;
+
+use crate::cli::TrustArgs;
+use crate::exit::{ExitCode, UsageError};
+
+/// Connects without trusting the certificate, and prints its SHA-256 fingerprint.
+pub async fn run(args: TrustArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let host_port = host_port_of(&args.url)?;
+    let presented = tls::fetch_fingerprint(&host_port, Duration::from_secs(15))
+        .await
+        .with_context(|| format!("cannot read the TLS certificate of {host_port}"))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "address": host_port, "fingerprint": presented.fingerprint.to_string() })
+        );
+    } else {
+        println!("{host_port} presents the certificate {}", presented.fingerprint);
+        println!(
+            "Check it on the pool coordinator (`openssl x509 -in /etc/xensource/xapi-ssl.pem -noout -fingerprint -sha256`),"
+        );
+        println!("then pin it in the pool's configuration: fingerprint = \"{}\"", presented.fingerprint);
+    }
+    Ok(ExitCode::Success)
+}
+
+/// `https://host:port/...`, `host:port` or `host` → `host:port` (443 by default).
+fn host_port_of(url: &str) -> anyhow::Result<String> {
+    let rest = if let Some(r) = url.strip_prefix("https://") {
+        r
+    } else if url.starts_with("http://") {
+        return Err(UsageError(format!(
+            "{url} is plain HTTP: there is no certificate to trust; use https://"
+        ))
+        .into());
+    } else {
+        url
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(UsageError(format!("{url:?} names no host")).into());
+    }
+    let has_port = if authority.starts_with('[') {
+        authority.contains("]:")
+    } else {
+        authority.matches(':').count() == 1
+    };
+    Ok(if has_port {
+        authority.to_string()
+    } else if authority.contains(':') && !authority.starts_with('[') {
+        format!("[{authority}]:443")
+    } else {
+        format!("{authority}:443")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(host_port_of("https://pool.example/").unwrap(), "pool.example:443");
+        assert_eq!(host_port_of("https://10.0.0.5:8443").unwrap(), "10.0.0.5:8443");
+        assert_eq!(host_port_of("pool").unwrap(), "pool:443");
+        assert_eq!(host_port_of("https://[fe80::1]:443").unwrap(), "[fe80::1]:443");
+        assert_eq!(host_port_of("fe80::1").unwrap(), "[fe80::1]:443");
+        assert!(host_port_of("http://pool").is_err());
+        assert!(host_port_of("https://").is_err());
+    }
+}
