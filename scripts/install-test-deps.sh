@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, idempotently, every outside tool the test suite uses as an oracle:
-# qemu-img (VHD), xva-img (XVA), nbdinfo (NBD), the official Python XenAPI SDK.
+# qemu-img (VHD), libvhdi (VHD chains), xva-img (XVA), nbdinfo (NBD), the
+# official Python XenAPI SDK.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -8,6 +9,8 @@ need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v xva-img  >/dev/null 2>&1 || need_apt+=(xva-img)
 command -v nbdinfo  >/dev/null 2>&1 || need_apt+=(libnbd-bin)
+# libvhdi: an independent reader of differencing VHD chains (qemu ignores parents).
+/usr/bin/python3 -c 'import pyvhdi' >/dev/null 2>&1 || need_apt+=(python3-libvhdi libvhdi-utils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

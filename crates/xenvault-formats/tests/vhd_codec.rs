@@ -625,7 +625,7 @@ fn mutated_vhds_never_panic() {
 }
 
 /// Writes small fuzz seeds (4 KiB blocks) for `fuzz/fuzz_targets/vhd_decoder.rs` into
-/// `$XENVAULT_VHD_SEEDS`: `XENVAULT_VHD_SEEDS=fuzz/corpus/vhd_decoder cargo test -p
+/// `$XENVAULT_VHD_SEEDS`: `XENVAULT_VHD_SEEDS=$PWD/fuzz/seeds/vhd_decoder cargo test -p
 /// xenvault-formats --test vhd_codec -- --ignored write_vhd_fuzz_seeds`.
 /// Each seed starts with the target's two control bytes (flags, split seed).
 #[test]

@@ -45,7 +45,8 @@ async fn handle(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOutcome
         Some(n) if n > 0 => match conn.read_body(n, MAX_CONTROL_BODY).await {
             Ok(b) => b,
             Err(_) => {
-                conn.send(&Response::error_page(413, "Request Entity Too Large")).await?;
+                conn.send(&Response::error_page(413, "Request Entity Too Large"))
+                    .await?;
                 return Ok(None);
             }
         },
@@ -72,15 +73,28 @@ async fn handle(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOutcome
     };
     let resp = Response::new(status, reason).body("application/json", value.to_string());
     conn.send(&resp).await?;
-    Ok(if req.wants_keep_alive() { Some(conn) } else { None })
+    Ok(if req.wants_keep_alive() {
+        Some(conn)
+    } else {
+        None
+    })
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ControlError> {
-    let body = if body.is_empty() { b"{}".as_slice() } else { body };
+    let body = if body.is_empty() {
+        b"{}".as_slice()
+    } else {
+        body
+    };
     serde_json::from_slice(body).map_err(|e| ControlError::bad(format!("invalid JSON body: {e}")))
 }
 
-fn route(pool: &Arc<Pool>, method: &str, path: &str, body: &[u8]) -> Result<serde_json::Value, ControlError> {
+fn route(
+    pool: &Arc<Pool>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<serde_json::Value, ControlError> {
     match (method, path) {
         ("GET", "/_sim" | "/_sim/hosts") => Ok(hosts(pool)),
         ("GET", "/_sim/stats") => Ok(pool.stats.to_json()),
@@ -108,7 +122,9 @@ fn route(pool: &Arc<Pool>, method: &str, path: &str, body: &[u8]) -> Result<serd
         ("POST", "/_sim/faults/expire-session") => expire_session(pool, body),
         ("POST", "/_sim/guest-write") => guest_write(pool, body),
         ("POST", "/_sim/coordinator") => new_coordinator(pool, body),
-        _ => Err(ControlError::not_found(format!("no control endpoint {method} {path}; see docs/simulator.md"))),
+        _ => Err(ControlError::not_found(format!(
+            "no control endpoint {method} {path}; see docs/simulator.md"
+        ))),
     }
 }
 
@@ -125,7 +141,12 @@ fn hosts(pool: &Pool) -> serde_json::Value {
         .map(|ep| {
             let (uuid, name) = db
                 .get("host", &ep.host)
-                .map(|h| (h.str_of("uuid").to_string(), h.str_of("name_label").to_string()))
+                .map(|h| {
+                    (
+                        h.str_of("uuid").to_string(),
+                        h.str_of("name_label").to_string(),
+                    )
+                })
                 .unwrap_or_default();
             json!({
                 "ref": ep.host,
@@ -154,9 +175,15 @@ fn fault_call(pool: &Pool, body: &[u8]) -> Result<serde_json::Value, ControlErro
     }
     let b: B = parse(body)?;
     if b.error.is_empty() {
-        return Err(ControlError::bad("\"error\" must be [code, params…] with at least the code"));
+        return Err(ControlError::bad(
+            "\"error\" must be [code, params…] with at least the code",
+        ));
     }
-    let method = b.method.strip_prefix("Async.").unwrap_or(&b.method).to_string();
+    let method = b
+        .method
+        .strip_prefix("Async.")
+        .unwrap_or(&b.method)
+        .to_string();
     pool.faults.add_call_fault(&method, b.nth, b.error);
     Ok(pool.faults.to_json())
 }
@@ -180,7 +207,10 @@ fn fault_stream(pool: &Pool, body: &[u8]) -> Result<serde_json::Value, ControlEr
         "export_metadata",
     ];
     if !HANDLERS.contains(&b.handler.as_str()) {
-        return Err(ControlError::bad(format!("unknown handler {:?}; one of {HANDLERS:?}", b.handler)));
+        return Err(ControlError::bad(format!(
+            "unknown handler {:?}; one of {HANDLERS:?}",
+            b.handler
+        )));
     }
     pool.faults.set_stream_fault(&b.handler, b.fault);
     Ok(pool.faults.to_json())
@@ -198,7 +228,11 @@ fn expire_session(pool: &Pool, body: &[u8]) -> Result<serde_json::Value, Control
     let victims: Vec<String> = match (&b.session, b.all) {
         (Some(s), _) => vec![s.clone()],
         (None, true) => db.all("session"),
-        (None, false) => return Err(ControlError::bad("give \"session\": \"OpaqueRef:…\" or \"all\": true")),
+        (None, false) => {
+            return Err(ControlError::bad(
+                "give \"session\": \"OpaqueRef:…\" or \"all\": true",
+            ));
+        }
     };
     let mut expired = Vec::new();
     for s in victims {
@@ -254,10 +288,18 @@ fn guest_write(pool: &Pool, body: &[u8]) -> Result<serde_json::Value, ControlErr
             let count = match (b.blocks, b.percent) {
                 (Some(n), _) => n,
                 (None, Some(p)) => {
-                    let size = pool.disks.info(uuid).map_err(|e| ControlError(409, e.to_string()))?.size;
+                    let size = pool
+                        .disks
+                        .info(uuid)
+                        .map_err(|e| ControlError(409, e.to_string()))?
+                        .size;
                     (size.div_ceil(crate::disk::CBT_BLOCK_SIZE) as f64 * p / 100.0).round() as u64
                 }
-                (None, None) => return Err(ControlError::bad("give \"blocks\", \"percent\" or \"block_list\"")),
+                (None, None) => {
+                    return Err(ControlError::bad(
+                        "give \"blocks\", \"percent\" or \"block_list\"",
+                    ));
+                }
             };
             pool.disks
                 .guest_write(uuid, seed, count)
@@ -285,7 +327,11 @@ fn new_coordinator(pool: &Pool, body: &[u8]) -> Result<serde_json::Value, Contro
             .find(|h| *h != current)
             .ok_or_else(|| ControlError::bad("the pool has a single host; start with --hosts 2"))?,
     };
-    let pool_ref = db.all("pool").into_iter().next().ok_or_else(|| ControlError(500, "no pool object".into()))?;
+    let pool_ref = db
+        .all("pool")
+        .into_iter()
+        .next()
+        .ok_or_else(|| ControlError(500, "no pool object".into()))?;
     db.set("pool", &pool_ref, "master", Value::str(target.clone()))?;
     Ok(json!({ "coordinator": target, "previous": current }))
 }

@@ -97,7 +97,13 @@ impl Type {
             Type::Float => Value::Double(0.0),
             Type::Bool => Value::Bool(false),
             Type::DateTime => Value::DateTime("19700101T00:00:00Z".into()),
-            Type::Enum(e) => Value::str(dm.enums.get(e).and_then(|v| v.first()).cloned().unwrap_or_default()),
+            Type::Enum(e) => Value::str(
+                dm.enums
+                    .get(e)
+                    .and_then(|v| v.first())
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
             Type::Ref(_) => Value::str(NULL_REF),
             Type::Set(_) => Value::Array(Vec::new()),
             Type::Map(_, _) | Type::Record(_) => Value::Struct(Vec::new()),
@@ -210,16 +216,66 @@ pub fn datamodel() -> &'static Datamodel {
 /// (see `docs/xapi-notes.md`, "get_all_records_where field names").
 const NAMESPACES: &[(&str, &str, &[&str])] = &[
     ("*", "name", &["label", "description"]),
-    ("VM", "memory", &["target", "static_max", "dynamic_max", "dynamic_min", "static_min"]),
+    (
+        "VM",
+        "memory",
+        &[
+            "target",
+            "static_max",
+            "dynamic_max",
+            "dynamic_min",
+            "static_min",
+        ],
+    ),
     ("VM", "VCPUs", &["params", "max", "at_startup"]),
-    ("VM", "actions", &["after_softreboot", "after_shutdown", "after_reboot", "after_crash"]),
-    ("VM", "PV", &["bootloader", "kernel", "ramdisk", "args", "bootloader_args", "legacy_args"]),
-    ("VM", "HVM", &["boot_policy", "boot_params", "shadow_multiplier"]),
-    ("host", "API_version", &["major", "minor", "vendor", "vendor_implementation"]),
-    ("VBD", "qos", &["algorithm_type", "algorithm_params", "supported_algorithms"]),
-    ("VIF", "qos", &["algorithm_type", "algorithm_params", "supported_algorithms"]),
+    (
+        "VM",
+        "actions",
+        &[
+            "after_softreboot",
+            "after_shutdown",
+            "after_reboot",
+            "after_crash",
+        ],
+    ),
+    (
+        "VM",
+        "PV",
+        &[
+            "bootloader",
+            "kernel",
+            "ramdisk",
+            "args",
+            "bootloader_args",
+            "legacy_args",
+        ],
+    ),
+    (
+        "VM",
+        "HVM",
+        &["boot_policy", "boot_params", "shadow_multiplier"],
+    ),
+    (
+        "host",
+        "API_version",
+        &["major", "minor", "vendor", "vendor_implementation"],
+    ),
+    (
+        "VBD",
+        "qos",
+        &["algorithm_type", "algorithm_params", "supported_algorithms"],
+    ),
+    (
+        "VIF",
+        "qos",
+        &["algorithm_type", "algorithm_params", "supported_algorithms"],
+    ),
     ("VM_metrics", "memory", &["actual"]),
-    ("VM_metrics", "VCPUs", &["number", "utilisation", "CPU", "params", "flags"]),
+    (
+        "VM_metrics",
+        "VCPUs",
+        &["number", "utilisation", "CPU", "params", "flags"],
+    ),
     ("host_metrics", "memory", &["total", "free"]),
     ("VBD_metrics", "io", &["read_kbs", "write_kbs"]),
     ("VIF_metrics", "io", &["read_kbs", "write_kbs"]),
@@ -312,7 +368,11 @@ impl Datamodel {
                 );
             }
             let fields: Vec<Field> = fields.into_iter().filter(|f| !f.removed).collect();
-            let field_index = fields.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
+            let field_index = fields
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.name.clone(), i))
+                .collect();
             dm.lower.insert(cname.to_ascii_lowercase(), cname.clone());
             dm.classes.insert(
                 cname.clone(),
@@ -335,12 +395,16 @@ impl Datamodel {
     /// The exact class name for a case-insensitive one (`vm` → `VM`), as
     /// `event.from` subscriptions spell them.
     pub fn class_name_ci(&self, name: &str) -> Option<&str> {
-        self.lower.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.lower
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     /// Whether `v` is a value of enum `e`.
     pub fn enum_has(&self, e: &str, v: &str) -> bool {
-        self.enums.get(e).is_some_and(|vals| vals.iter().any(|x| x == v))
+        self.enums
+            .get(e)
+            .is_some_and(|vals| vals.iter().any(|x| x == v))
     }
 
     /// Converts a wire value to the canonical stored form of type `ty`
@@ -383,7 +447,10 @@ impl Datamodel {
                         if let Type::Enum(e) = &**k
                             && !self.enum_has(e, mk)
                         {
-                            return Err(ApiError::new("ENUM_INVALID_VALUE", [e.as_str(), mk.as_str()]));
+                            return Err(ApiError::new(
+                                "ENUM_INVALID_VALUE",
+                                [e.as_str(), mk.as_str()],
+                            ));
                         }
                         out.push((mk.clone(), self.coerce(mv, val)?));
                     }
@@ -466,29 +533,56 @@ mod tests {
     fn embedded_datamodel_parses_with_vm_fields_and_messages() {
         let dm = datamodel();
         let vm = dm.class("VM").unwrap();
-        assert_eq!(vm.field("power_state").unwrap().default, Value::str("Halted"));
-        assert_eq!(vm.field("memory_static_max").unwrap().db_name, "memory__static_max");
+        assert_eq!(
+            vm.field("power_state").unwrap().default,
+            Value::str("Halted")
+        );
+        assert_eq!(
+            vm.field("memory_static_max").unwrap().db_name,
+            "memory__static_max"
+        );
         assert_eq!(vm.field("name_label").unwrap().db_name, "name__label");
-        assert_eq!(vm.field("memory_overhead").unwrap().db_name, "memory_overhead");
+        assert_eq!(
+            vm.field("memory_overhead").unwrap().db_name,
+            "memory_overhead"
+        );
         assert_eq!(vm.field("is_a_template").unwrap().db_name, "is_a_template");
-        assert_eq!(vm.field("HVM_shadow_multiplier").unwrap().default, Value::Double(1.0));
+        assert_eq!(
+            vm.field("HVM_shadow_multiplier").unwrap().default,
+            Value::Double(1.0)
+        );
         assert!(vm.messages["snapshot_with_quiesce"].removed);
         assert_eq!(vm.messages["snapshot"].params.len(), 4);
         assert_eq!(
             Type::parse("(string -> enum vm_operations) map"),
-            Type::Map(Box::new(Type::String), Box::new(Type::Enum("vm_operations".into())))
+            Type::Map(
+                Box::new(Type::String),
+                Box::new(Type::Enum("vm_operations".into()))
+            )
         );
-        assert_eq!(Type::parse("VDI ref set"), Type::Set(Box::new(Type::Ref("VDI".into()))));
+        assert_eq!(
+            Type::parse("VDI ref set"),
+            Type::Set(Box::new(Type::Ref("VDI".into())))
+        );
         assert_eq!(dm.class_name_ci("vdi"), Some("VDI"));
         let task = dm.class("task").unwrap();
-        assert_eq!(task.field("status").unwrap().ty, Type::Enum("task_status_type".into()));
+        assert_eq!(
+            task.field("status").unwrap().ty,
+            Type::Enum("task_status_type".into())
+        );
     }
 
     #[test]
     fn coerce_accepts_xapi_spellings() {
         let dm = datamodel();
-        assert_eq!(dm.coerce(&Value::str("42"), &Type::Int).unwrap(), Value::Int(42));
+        assert_eq!(
+            dm.coerce(&Value::str("42"), &Type::Int).unwrap(),
+            Value::Int(42)
+        );
         assert!(dm.coerce(&Value::str("x"), &Type::Bool).is_err());
-        assert!(dm.coerce(&Value::str("Flying"), &Type::Enum("vm_power_state".into())).is_err());
+        assert!(
+            dm.coerce(&Value::str("Flying"), &Type::Enum("vm_power_state".into()))
+                .is_err()
+        );
     }
 }

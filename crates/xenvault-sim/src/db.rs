@@ -47,7 +47,10 @@ impl Fields for Record {
     }
     fn strs_of(&self, f: &str) -> Vec<String> {
         match self.get(f) {
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().ok().map(str::to_string)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().ok().map(str::to_string))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -164,7 +167,11 @@ impl Db {
 
     /// Creates an object with every field at its default, then `fields`
     /// applied (coerced to their types). A missing `uuid` is generated.
-    pub fn create<'a>(&mut self, class: &str, fields: impl IntoIterator<Item = (&'a str, Value)>) -> ApiResult<String> {
+    pub fn create<'a>(
+        &mut self,
+        class: &str,
+        fields: impl IntoIterator<Item = (&'a str, Value)>,
+    ) -> ApiResult<String> {
         let r = new_ref();
         self.create_with_ref(class, &r, fields)?;
         Ok(r)
@@ -181,7 +188,11 @@ impl Db {
             .dm
             .class(class)
             .ok_or_else(|| ApiError::internal(format!("no class {class} in the datamodel")))?;
-        let mut rec: Record = c.fields.iter().map(|f| (f.name.clone(), f.default.clone())).collect();
+        let mut rec: Record = c
+            .fields
+            .iter()
+            .map(|f| (f.name.clone(), f.default.clone()))
+            .collect();
         for (k, v) in fields {
             let f = c
                 .field(k)
@@ -195,7 +206,13 @@ impl Db {
         let links: Vec<(String, String, String)> = RELATIONS
             .iter()
             .filter(|(cl, _, _, _)| *cl == class)
-            .map(|(_, fwd, tc, back)| (rec.str_of(fwd).to_string(), tc.to_string(), back.to_string()))
+            .map(|(_, fwd, tc, back)| {
+                (
+                    rec.str_of(fwd).to_string(),
+                    tc.to_string(),
+                    back.to_string(),
+                )
+            })
             .collect();
         self.tables.entry(class.to_string()).or_default().insert(
             r.to_string(),
@@ -216,7 +233,10 @@ impl Db {
             return;
         }
         if let Some(row) = self.tables.get_mut(class).and_then(|t| t.get_mut(target)) {
-            let set = row.fields.entry(back.to_string()).or_insert_with(|| Value::Array(Vec::new()));
+            let set = row
+                .fields
+                .entry(back.to_string())
+                .or_insert_with(|| Value::Array(Vec::new()));
             if let Value::Array(items) = set {
                 items.retain(|v| v.as_str().ok() != Some(r));
                 if add {
@@ -260,7 +280,14 @@ impl Db {
             Some(c) => Value::Struct(
                 c.fields
                     .iter()
-                    .map(|f| (f.name.clone(), rec.get(&f.name).cloned().unwrap_or_else(|| f.default.clone())))
+                    .map(|f| {
+                        (
+                            f.name.clone(),
+                            rec.get(&f.name)
+                                .cloned()
+                                .unwrap_or_else(|| f.default.clone()),
+                        )
+                    })
                     .collect(),
             ),
             None => Value::Struct(rec.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
@@ -284,17 +311,26 @@ impl Db {
     /// Changes a record in place (values must already be in canonical form),
     /// keeping back-references right.
     pub fn update(&mut self, class: &str, r: &str, f: impl FnOnce(&mut Record)) -> ApiResult<()> {
-        let rels: Vec<_> = RELATIONS.iter().filter(|(c, _, _, _)| *c == class).collect();
+        let rels: Vec<_> = RELATIONS
+            .iter()
+            .filter(|(c, _, _, _)| *c == class)
+            .collect();
         let g = self.generation + 1;
         let row = self
             .tables
             .get_mut(class)
             .and_then(|t| t.get_mut(r))
             .ok_or_else(|| ApiError::handle_invalid(class, r))?;
-        let before: Vec<String> = rels.iter().map(|(_, fwd, _, _)| row.fields.str_of(fwd).to_string()).collect();
+        let before: Vec<String> = rels
+            .iter()
+            .map(|(_, fwd, _, _)| row.fields.str_of(fwd).to_string())
+            .collect();
         f(&mut row.fields);
         row.mtime = g;
-        let after: Vec<String> = rels.iter().map(|(_, fwd, _, _)| row.fields.str_of(fwd).to_string()).collect();
+        let after: Vec<String> = rels
+            .iter()
+            .map(|(_, fwd, _, _)| row.fields.str_of(fwd).to_string())
+            .collect();
         self.bump();
         for (i, (_, _, tc, back)) in rels.iter().enumerate() {
             if before[i] != after[i] {
@@ -338,22 +374,31 @@ impl Db {
 
     /// All refs of a class.
     pub fn all(&self, class: &str) -> Vec<String> {
-        self.tables.get(class).map(|t| t.keys().cloned().collect()).unwrap_or_default()
+        self.tables
+            .get(class)
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// All `(ref, record)` pairs of a class.
     pub fn rows(&self, class: &str) -> impl Iterator<Item = (&String, &Record)> {
-        self.tables.get(class).into_iter().flat_map(|t| t.iter().map(|(r, row)| (r, &row.fields)))
+        self.tables
+            .get(class)
+            .into_iter()
+            .flat_map(|t| t.iter().map(|(r, row)| (r, &row.fields)))
     }
 
     /// The ref of the object with this uuid, if any.
     pub fn find_by_uuid(&self, class: &str, uuid: &str) -> Option<String> {
-        self.rows(class).find(|(_, rec)| rec.str_of("uuid") == uuid).map(|(r, _)| r.clone())
+        self.rows(class)
+            .find(|(_, rec)| rec.str_of("uuid") == uuid)
+            .map(|(r, _)| r.clone())
     }
 
     /// The ref of the object with this uuid, or `UUID_INVALID [class, uuid]`.
     pub fn by_uuid(&self, class: &str, uuid: &str) -> ApiResult<String> {
-        self.find_by_uuid(class, uuid).ok_or_else(|| ApiError::uuid_invalid(class, uuid))
+        self.find_by_uuid(class, uuid)
+            .ok_or_else(|| ApiError::uuid_invalid(class, uuid))
     }
 
     /// A ref given either as a ref or as a uuid (as HTTP handlers accept).
@@ -399,7 +444,11 @@ impl Db {
     /// Events since generation `since` for the classes `wanted` accepts
     /// (`(class, ref) → bool`). Returns `EVENTS_LOST` when deletions that old
     /// were forgotten.
-    pub fn events_since(&self, since: u64, wanted: &dyn Fn(&str, &str) -> bool) -> ApiResult<Vec<DbEvent>> {
+    pub fn events_since(
+        &self,
+        since: u64,
+        wanted: &dyn Fn(&str, &str) -> bool,
+    ) -> ApiResult<Vec<DbEvent>> {
         if since < self.deletions_floor {
             return Err(ApiError::new("EVENTS_LOST", Vec::<String>::new()));
         }
@@ -441,8 +490,11 @@ impl Db {
             }
             let mut rows = serde_json::Map::new();
             for (r, row) in table {
-                let rec: serde_json::Map<String, serde_json::Value> =
-                    row.fields.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+                let rec: serde_json::Map<String, serde_json::Value> = row
+                    .fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_json()))
+                    .collect();
                 rows.insert(r.clone(), serde_json::Value::Object(rec));
             }
             tables.insert(class.clone(), serde_json::Value::Object(rows));
@@ -453,17 +505,30 @@ impl Db {
     /// Loads tables saved by [`Db::to_json`], re-typing values by the
     /// datamodel. Unknown classes and fields are dropped.
     pub fn load_json(&mut self, j: &serde_json::Value) -> Result<(), String> {
-        let tables = j["tables"].as_object().ok_or("state file has no \"tables\" object")?;
+        let tables = j["tables"]
+            .as_object()
+            .ok_or("state file has no \"tables\" object")?;
         for (class, rows) in tables {
-            let Some(c) = self.dm.class(class) else { continue };
-            let Some(rows) = rows.as_object() else { continue };
+            let Some(c) = self.dm.class(class) else {
+                continue;
+            };
+            let Some(rows) = rows.as_object() else {
+                continue;
+            };
             for (r, rec) in rows {
                 let Some(rec) = rec.as_object() else { continue };
-                let mut fields: Record = c.fields.iter().map(|f| (f.name.clone(), f.default.clone())).collect();
+                let mut fields: Record = c
+                    .fields
+                    .iter()
+                    .map(|f| (f.name.clone(), f.default.clone()))
+                    .collect();
                 for (k, v) in rec {
                     if let Some(f) = c.field(k) {
                         let val = Value::from_json(v);
-                        let val = self.dm.coerce(&val, &f.ty).unwrap_or_else(|_| f.default.clone());
+                        let val = self
+                            .dm
+                            .coerce(&val, &f.ty)
+                            .unwrap_or_else(|_| f.default.clone());
                         fields.insert(k.clone(), val);
                     }
                 }
@@ -498,7 +563,10 @@ pub fn db_string(v: &Value) -> String {
             }
         }
         Value::Array(items) => {
-            let parts: Vec<String> = items.iter().map(|i| format!("'{}'", db_string(i))).collect();
+            let parts: Vec<String> = items
+                .iter()
+                .map(|i| format!("'{}'", db_string(i)))
+                .collect();
             format!("({})", parts.join(" "))
         }
         Value::Struct(m) => {
@@ -526,31 +594,69 @@ mod tests {
         let vm = db.create("VM", [("name_label", Value::str("a"))]).unwrap();
         let vdi = db.create("VDI", []).unwrap();
         let vbd = db
-            .create("VBD", [("VM", Value::str(vm.clone())), ("VDI", Value::str(vdi.clone()))])
+            .create(
+                "VBD",
+                [
+                    ("VM", Value::str(vm.clone())),
+                    ("VDI", Value::str(vdi.clone())),
+                ],
+            )
             .unwrap();
         let rec = db.get("VM", &vm).unwrap();
         assert_eq!(rec.strs_of("VBDs"), vec![vbd.clone()]);
         assert_eq!(rec.str_of("power_state"), "Halted");
         assert_eq!(rec.len(), datamodel().class("VM").unwrap().fields.len());
-        assert_eq!(db.get("VDI", &vdi).unwrap().strs_of("VBDs"), vec![vbd.clone()]);
+        assert_eq!(
+            db.get("VDI", &vdi).unwrap().strs_of("VBDs"),
+            vec![vbd.clone()]
+        );
         db.destroy("VBD", &vbd).unwrap();
         assert!(db.get("VM", &vm).unwrap().strs_of("VBDs").is_empty());
         assert_eq!(db.get("VBD", &vbd).unwrap_err().code, "HANDLE_INVALID");
         for (c, fwd, tc, back) in RELATIONS {
             let dm = datamodel();
-            assert!(dm.class(c).and_then(|k| k.field(fwd)).is_some(), "{c}.{fwd}");
-            assert!(dm.class(tc).and_then(|k| k.field(back)).is_some(), "{tc}.{back}");
+            assert!(
+                dm.class(c).and_then(|k| k.field(fwd)).is_some(),
+                "{c}.{fwd}"
+            );
+            assert!(
+                dm.class(tc).and_then(|k| k.field(back)).is_some(),
+                "{tc}.{back}"
+            );
         }
     }
 
     #[test]
     fn where_uses_db_names_and_strings() {
         let mut db = db();
-        let a = db.create("VM", [("name_label", Value::str("a")), ("is_a_template", Value::Bool(false))]).unwrap();
-        db.create("VM", [("name_label", Value::str("b")), ("is_a_template", Value::Bool(true))]).unwrap();
-        assert_eq!(db.where_refs("VM", r#"field "is_a_template"="false""#).unwrap(), vec![a.clone()]);
+        let a = db
+            .create(
+                "VM",
+                [
+                    ("name_label", Value::str("a")),
+                    ("is_a_template", Value::Bool(false)),
+                ],
+            )
+            .unwrap();
+        db.create(
+            "VM",
+            [
+                ("name_label", Value::str("b")),
+                ("is_a_template", Value::Bool(true)),
+            ],
+        )
+        .unwrap();
         assert_eq!(
-            db.where_refs("VM", r#"field "name__label" = "a" and not (field "is_a_template" = "true")"#).unwrap(),
+            db.where_refs("VM", r#"field "is_a_template"="false""#)
+                .unwrap(),
+            vec![a.clone()]
+        );
+        assert_eq!(
+            db.where_refs(
+                "VM",
+                r#"field "name__label" = "a" and not (field "is_a_template" = "true")"#
+            )
+            .unwrap(),
             vec![a]
         );
         assert_eq!(db.where_refs("VM", "true").unwrap().len(), 2);
@@ -570,6 +676,9 @@ mod tests {
         let mut db2 = self::tests::db();
         db2.load_json(&j).unwrap();
         assert_eq!(db2.get("VM", &a).unwrap().str_of("name_label"), "b");
-        assert_eq!(db2.get("VM", &a).unwrap().get("memory_static_max"), Some(&Value::Int(0)));
+        assert_eq!(
+            db2.get("VM", &a).unwrap().get("memory_static_max"),
+            Some(&Value::Int(0))
+        );
     }
 }

@@ -237,9 +237,15 @@ mod tests {
         assert_eq!(
             parse(r#"field "a"="1" or not (field "b" = "x" and true)"#).unwrap(),
             Expr::Or(
-                Box::new(Expr::Eq(Operand::Field("a".into()), Operand::Literal("1".into()))),
+                Box::new(Expr::Eq(
+                    Operand::Field("a".into()),
+                    Operand::Literal("1".into())
+                )),
                 Box::new(Expr::Not(Box::new(Expr::And(
-                    Box::new(Expr::Eq(Operand::Field("b".into()), Operand::Literal("x".into()))),
+                    Box::new(Expr::Eq(
+                        Operand::Field("b".into()),
+                        Operand::Literal("x".into())
+                    )),
                     Box::new(Expr::True)
                 ))))
             )

@@ -71,7 +71,11 @@ impl Faults {
     pub fn on_call(&self, method: &str) -> Option<ApiError> {
         let mut st = self.lock();
         let mut out = None;
-        for f in st.calls.iter_mut().filter(|f| !f.fired && f.method == method) {
+        for f in st
+            .calls
+            .iter_mut()
+            .filter(|f| !f.fired && f.method == method)
+        {
             f.seen += 1;
             if f.seen == f.nth && out.is_none() {
                 f.fired = true;
@@ -156,14 +160,20 @@ impl Stats {
         let mut groups: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for (k, v) in c.iter() {
             let (g, n) = k.split_once('/').unwrap_or(("other", k));
-            groups.entry(g.to_string()).or_default().insert(n.to_string(), *v);
+            groups
+                .entry(g.to_string())
+                .or_default()
+                .insert(n.to_string(), *v);
         }
         serde_json::to_value(groups).unwrap_or_default()
     }
 
     /// Zeroes every counter.
     pub fn reset(&self) {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 
@@ -174,7 +184,11 @@ mod tests {
     #[test]
     fn nth_call_fails_once() {
         let f = Faults::default();
-        f.add_call_fault("VM.snapshot", 2, vec!["SR_FULL".into(), "1".into(), "2".into()]);
+        f.add_call_fault(
+            "VM.snapshot",
+            2,
+            vec!["SR_FULL".into(), "1".into(), "2".into()],
+        );
         assert!(f.on_call("VM.snapshot").is_none());
         assert_eq!(f.on_call("VM.snapshot").unwrap().code, "SR_FULL");
         assert!(f.on_call("VM.snapshot").is_none());
@@ -183,7 +197,14 @@ mod tests {
     #[test]
     fn stream_fault_with_times_expires() {
         let f = Faults::default();
-        f.set_stream_fault("export", StreamFault { cut_after: Some(10), bytes_per_sec: None, times: Some(1) });
+        f.set_stream_fault(
+            "export",
+            StreamFault {
+                cut_after: Some(10),
+                bytes_per_sec: None,
+                times: Some(1),
+            },
+        );
         assert_eq!(f.stream("export").cut_after, Some(10));
         assert_eq!(f.stream("export"), StreamFault::default());
     }

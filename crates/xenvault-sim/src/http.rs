@@ -210,7 +210,12 @@ impl Conn {
     }
 
     /// Reads the next request head. `Ok(None)` on a clean EOF before any byte.
-    async fn read_head(&mut self, peer: SocketAddr, tls: bool, host: &str) -> io::Result<Option<Request>> {
+    async fn read_head(
+        &mut self,
+        peer: SocketAddr,
+        tls: bool,
+        host: &str,
+    ) -> io::Result<Option<Request>> {
         // Compact the buffer.
         if self.pos > 0 {
             self.buf.drain(..self.pos);
@@ -223,7 +228,10 @@ impl Conn {
                 return Ok(Some(req));
             }
             if self.buf.len() > MAX_HEAD_BYTES {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "request head too large",
+                ));
             }
             let mut chunk = [0u8; 8192];
             let n = self.io.read(&mut chunk).await?;
@@ -231,7 +239,10 @@ impl Conn {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a request head"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a request head",
+                ));
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
@@ -239,7 +250,11 @@ impl Conn {
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pos < this.buf.len() {
             let n = (this.buf.len() - this.pos).min(out.remaining());
@@ -256,7 +271,11 @@ impl AsyncRead for Conn {
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, data)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -302,7 +321,8 @@ impl Response {
 
     /// Sets the body and its `Content-Type`.
     pub fn body(mut self, content_type: &str, body: impl Into<Vec<u8>>) -> Response {
-        self.headers.push(("Content-Type".into(), content_type.into()));
+        self.headers
+            .push(("Content-Type".into(), content_type.into()));
         self.body = body.into();
         self
     }
@@ -357,8 +377,10 @@ impl Router {
         Fut: Future<Output = HandlerOutcome> + Send + 'static,
     {
         let h: Handler = Arc::new(move |p, r, c| Box::pin(handler(p, r, c)));
-        self.routes.retain(|(m, p, _)| !(m == method && p == prefix));
-        self.routes.push((method.to_string(), prefix.to_string(), h));
+        self.routes
+            .retain(|(m, p, _)| !(m == method && p == prefix));
+        self.routes
+            .push((method.to_string(), prefix.to_string(), h));
     }
 
     /// The handler for a request, by longest prefix among those of its method.
@@ -490,7 +512,12 @@ fn parse_head(head: &[u8], peer: SocketAddr, tls: bool, host: &str) -> io::Resul
     let headers = parsed
         .headers
         .iter()
-        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect();
     let (raw_path, raw_query) = target.split_once('?').unwrap_or((&target, ""));
     let query = parse_query(raw_query);
@@ -513,7 +540,10 @@ pub fn parse_query(q: &str) -> Vec<(String, String)> {
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(&k.replace('+', " ")), percent_decode(&v.replace('+', " ")))
+            (
+                percent_decode(&k.replace('+', " ")),
+                percent_decode(&v.replace('+', " ")),
+            )
         })
         .collect()
 }
@@ -582,6 +612,9 @@ mod tests {
     #[test]
     fn percent_decoding_is_total() {
         assert_eq!(percent_decode("a%20b%zz%4"), "a b%zz%4");
-        assert_eq!(redact("/x?session_id=OpaqueRef:1&a=b"), "/x?session_id=…&a=b");
+        assert_eq!(
+            redact("/x?session_id=OpaqueRef:1&a=b"),
+            "/x?session_id=…&a=b"
+        );
     }
 }

@@ -13,7 +13,11 @@ use xenvault_sim::scenario::{FlagScenario, Scenario, parse_percent, parse_size};
 use xenvault_sim::server::{SimConfig, Simulator};
 
 #[derive(Parser)]
-#[command(name = "xapi-sim", version, about = "A simulated XAPI pool (XenServer / XCP-ng) for tests and demos")]
+#[command(
+    name = "xapi-sim",
+    version,
+    about = "A simulated XAPI pool (XenServer / XCP-ng) for tests and demos"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,7 +78,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(args))
+    let result = rt.block_on(serve(args));
+    // Do not wait for stray blocking work (e.g. a VDI.data_destroy retry loop).
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -116,6 +123,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.user = args.user.clone();
     cfg.password = password;
     cfg.scenario = scenario;
+    // Install the signal handlers before announcing readiness, so a SIGTERM
+    // sent right after the JSON line still stops the simulator cleanly.
+    let stop = stop_signals()?;
     let sim = Simulator::start(cfg)
         .await
         .with_context(|| format!("starting the simulator with state {}", args.state.display()))?;
@@ -125,18 +135,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writeln!(out, "{line}")?;
         out.flush()?;
     }
-    wait_for_stop().await?;
+    stop.wait().await?;
     tracing::info!("stopping; saving state");
     sim.shutdown().await.context("saving the state")?;
     Ok(())
 }
 
-async fn wait_for_stop() -> anyhow::Result<()> {
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn stop_signals() -> anyhow::Result<StopSignals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {},
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+    Ok(StopSignals {
+        term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+    })
+}
+
+impl StopSignals {
+    async fn wait(mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+        Ok(())
     }
-    Ok(())
 }

@@ -112,7 +112,10 @@ impl Pool {
 
     /// Every host's endpoints.
     pub fn endpoints(&self) -> Vec<HostEndpoint> {
-        self.endpoints.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The endpoints of one host.
@@ -127,7 +130,11 @@ impl Pool {
 
     /// The pool object's ref.
     pub fn pool_ref(&self) -> String {
-        self.db().all("pool").into_iter().next().unwrap_or_else(|| NULL_REF.to_string())
+        self.db()
+            .all("pool")
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| NULL_REF.to_string())
     }
 
     /// The coordinator host (`pool.master`).
@@ -162,10 +169,20 @@ impl Pool {
     // ----- sessions -----
 
     /// `session.login_with_password` received by `host`.
-    pub fn login(&self, user: &str, password: &str, originator: &str, host: &str, tls: bool) -> ApiResult<String> {
+    pub fn login(
+        &self,
+        user: &str,
+        password: &str,
+        originator: &str,
+        host: &str,
+        tls: bool,
+    ) -> ApiResult<String> {
         // xen-api ocaml/xapi/xapi_session.ml: a member refuses logins over TCP.
         if host != self.coordinator() {
-            return Err(ApiError::new("HOST_IS_SLAVE", [self.coordinator_address(tls)]));
+            return Err(ApiError::new(
+                "HOST_IS_SLAVE",
+                [self.coordinator_address(tls)],
+            ));
         }
         if user != self.config.user || password != self.config.password {
             return Err(ApiError::new(
@@ -244,7 +261,10 @@ impl Pool {
                 ("created", now_value()),
                 ("resident_on", Value::str(host)),
                 ("subtask_of", Value::str(subtask_of)),
-                ("allowed_operations", Value::Array(vec![Value::str("cancel")])),
+                (
+                    "allowed_operations",
+                    Value::Array(vec![Value::str("cancel")]),
+                ),
             ],
         );
         r.unwrap_or_else(|_| NULL_REF.to_string())
@@ -274,17 +294,26 @@ impl Pool {
     /// Marks a task as run by someone in the simulator (an async call or an
     /// HTTP handler): `task.cancel` then only asks it to cancel.
     pub fn task_own(&self, task: &str) {
-        self.owned_tasks.lock().unwrap_or_else(|e| e.into_inner()).insert(task.to_string());
+        self.owned_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task.to_string());
     }
 
     /// Ends [`Pool::task_own`] (done by `task_complete` and `task_fail`).
     pub fn task_disown(&self, task: &str) {
-        self.owned_tasks.lock().unwrap_or_else(|e| e.into_inner()).remove(task);
+        self.owned_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(task);
     }
 
     /// Whether a task is run by someone in the simulator.
     pub fn task_is_owned(&self, task: &str) -> bool {
-        self.owned_tasks.lock().unwrap_or_else(|e| e.into_inner()).contains(task)
+        self.owned_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(task)
     }
 
     /// Sets a task's progress (0.0..=1.0).
@@ -314,7 +343,11 @@ impl Pool {
     /// for `TASK_CANCELLED`).
     pub fn task_fail(&self, task: &str, err: &ApiError) {
         self.task_disown(task);
-        let status = if err.code == "TASK_CANCELLED" { "cancelled" } else { "failure" };
+        let status = if err.code == "TASK_CANCELLED" {
+            "cancelled"
+        } else {
+            "failure"
+        };
         let _ = self.db().update("task", task, |rec| {
             if matches!(rec.str_of("status"), "pending" | "cancelling") {
                 rec.insert("finished".into(), now_value());
@@ -330,7 +363,10 @@ impl Pool {
 
     /// A task's status (`pending`, `success`, …), `None` if it is gone.
     pub fn task_status(&self, task: &str) -> Option<String> {
-        self.db().get("task", task).ok().map(|r| r.str_of("status").to_string())
+        self.db()
+            .get("task", task)
+            .ok()
+            .map(|r| r.str_of("status").to_string())
     }
 
     /// Whether a client asked to cancel the task (long streams check this and

@@ -40,7 +40,11 @@ async fn read_rpc_body(req: &Request, conn: &mut Conn) -> Result<Vec<u8>, Respon
 }
 
 fn keep_or_close(req: &Request, conn: Conn) -> HandlerOutcome {
-    Ok(if req.wants_keep_alive() { Some(conn) } else { None })
+    Ok(if req.wants_keep_alive() {
+        Some(conn)
+    } else {
+        None
+    })
 }
 
 fn site(req: &Request) -> CallSite {
@@ -75,7 +79,8 @@ pub async fn xmlrpc(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOut
         Ok(c) => c,
         Err(e) => {
             tracing::debug!("malformed XML-RPC request: {e}");
-            conn.send(&Response::error_page(500, "Internal Server Error")).await?;
+            conn.send(&Response::error_page(500, "Internal Server Error"))
+                .await?;
             return Ok(None);
         }
     };
@@ -115,7 +120,8 @@ pub async fn jsonrpc(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOu
     // A request without an id (a notification) or malformed JSON is a
     // transport error: HTTP 500, as xapi's `jsoncallback`.
     let Some((id, method, params, v2)) = call else {
-        conn.send(&Response::error_page(500, "Internal Server Error")).await?;
+        conn.send(&Response::error_page(500, "Internal Server Error"))
+            .await?;
         return Ok(None);
     };
     let result = api::dispatch(&pool, &site(&req), &method, params).await;
@@ -128,7 +134,11 @@ pub async fn jsonrpc(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOu
 }
 
 /// The JSON-RPC response object for a result, v1 or v2.
-pub fn json_response(result: Result<Value, ApiError>, id: serde_json::Value, v2: bool) -> serde_json::Value {
+pub fn json_response(
+    result: Result<Value, ApiError>,
+    id: serde_json::Value,
+    v2: bool,
+) -> serde_json::Value {
     use serde_json::json;
     match (result, v2) {
         (Ok(v), false) => json!({"result": v.to_json(), "error": null, "id": id}),

@@ -39,7 +39,10 @@ impl Size {
 /// Parses `8G`, `512M`, `64K`, `1T`, `16MiB`, `4096` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, ScenarioError> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, mult) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
@@ -47,10 +50,11 @@ pub fn parse_size(s: &str) -> Result<u64, ScenarioError> {
         Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| ScenarioError::Invalid(format!("{s:?} is not a size; write e.g. 8G, 512M or 1048576")))?;
+    let n: f64 = num.trim().parse().map_err(|_| {
+        ScenarioError::Invalid(format!(
+            "{s:?} is not a size; write e.g. 8G, 512M or 1048576"
+        ))
+    })?;
     if n.is_nan() || n < 0.0 {
         return Err(ScenarioError::Invalid(format!("size {s:?} is negative")));
     }
@@ -60,11 +64,13 @@ pub fn parse_size(s: &str) -> Result<u64, ScenarioError> {
 /// Parses `10%`, `10` or `0.5%` into a fraction 0..=1.
 pub fn parse_percent(s: &str) -> Result<f64, ScenarioError> {
     let t = s.trim().trim_end_matches('%').trim();
-    let p: f64 = t
-        .parse()
-        .map_err(|_| ScenarioError::Invalid(format!("{s:?} is not a percentage; write e.g. 10%")))?;
+    let p: f64 = t.parse().map_err(|_| {
+        ScenarioError::Invalid(format!("{s:?} is not a percentage; write e.g. 10%"))
+    })?;
     if !(0.0..=100.0).contains(&p) {
-        return Err(ScenarioError::Invalid(format!("{s:?} is not between 0% and 100%")));
+        return Err(ScenarioError::Invalid(format!(
+            "{s:?} is not between 0% and 100%"
+        )));
     }
     Ok(p / 100.0)
 }
@@ -267,7 +273,11 @@ impl Scenario {
     /// The scenario the flags describe: VMs alternating running/halted, tags,
     /// one disk and one VIF each.
     pub fn from_flags(f: &FlagScenario) -> Scenario {
-        let purpose = if f.nbd_purpose.is_empty() { vec![] } else { vec![f.nbd_purpose.clone()] };
+        let purpose = if f.nbd_purpose.is_empty() {
+            vec![]
+        } else {
+            vec![f.nbd_purpose.clone()]
+        };
         let written = format!("{}%", f.written * 100.0);
         let hosts = f.hosts.max(1);
         Scenario {
@@ -308,18 +318,28 @@ impl Scenario {
 
 fn mac(seed: u64) -> String {
     let b = seed.to_be_bytes();
-    format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[3], b[4], b[5], b[6], b[7])
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[3], b[4], b[5], b[6], b[7]
+    )
 }
 
 /// Builds the initial pool from a scenario into an empty DB.
 pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
     let seed = sc.pool.seed.unwrap_or(1);
-    let host_specs: Vec<HostSpec> = if sc.hosts.is_empty() { vec![HostSpec::default()] } else { sc.hosts.clone() };
+    let host_specs: Vec<HostSpec> = if sc.hosts.is_empty() {
+        vec![HostSpec::default()]
+    } else {
+        sc.hosts.clone()
+    };
     let mut db = pool.db();
     // Hosts and dom0s.
     let mut hosts = Vec::new();
     for (i, h) in host_specs.iter().enumerate() {
-        let name = h.name.clone().unwrap_or_else(|| format!("xcp-host-{}", i + 1));
+        let name = h
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("xcp-host-{}", i + 1));
         let host = db.create(
             "host",
             [
@@ -349,7 +369,10 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
         let dom0 = db.create(
             "VM",
             [
-                ("name_label", Value::str(format!("Control domain on host: {name}"))),
+                (
+                    "name_label",
+                    Value::str(format!("Control domain on host: {name}")),
+                ),
                 ("is_control_domain", Value::Bool(true)),
                 ("power_state", Value::str("Running")),
                 ("resident_on", Value::str(host.clone())),
@@ -382,14 +405,22 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
     let mut srs = Vec::new();
     let mut default_sr = None;
     for (i, s) in sr_specs.iter().enumerate() {
-        let host = hosts
-            .get(s.host)
-            .ok_or_else(|| ScenarioError::Invalid(format!("SR {} names host {} of {}", i, s.host, hosts.len())))?;
-        let size = s.size.as_ref().map(Size::bytes).transpose()?.unwrap_or(1 << 40);
+        let host = hosts.get(s.host).ok_or_else(|| {
+            ScenarioError::Invalid(format!("SR {} names host {} of {}", i, s.host, hosts.len()))
+        })?;
+        let size = s
+            .size
+            .as_ref()
+            .map(Size::bytes)
+            .transpose()?
+            .unwrap_or(1 << 40);
         let sr = db.create(
             "SR",
             [
-                ("name_label", Value::str(s.name.clone().unwrap_or_else(|| "Local storage".into()))),
+                (
+                    "name_label",
+                    Value::str(s.name.clone().unwrap_or_else(|| "Local storage".into())),
+                ),
                 ("type", Value::str("ext")),
                 ("content_type", Value::str("user")),
                 ("shared", Value::Bool(false)),
@@ -401,10 +432,20 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
                 (
                     "allowed_operations",
                     Value::Array(
-                        ["vdi_create", "vdi_destroy", "vdi_snapshot", "vdi_clone", "vdi_enable_cbt", "vdi_disable_cbt", "vdi_data_destroy", "vdi_list_changed_blocks", "scan"]
-                            .iter()
-                            .map(|s| Value::str(*s))
-                            .collect(),
+                        [
+                            "vdi_create",
+                            "vdi_destroy",
+                            "vdi_snapshot",
+                            "vdi_clone",
+                            "vdi_enable_cbt",
+                            "vdi_disable_cbt",
+                            "vdi_data_destroy",
+                            "vdi_list_changed_blocks",
+                            "scan",
+                        ]
+                        .iter()
+                        .map(|s| Value::str(*s))
+                        .collect(),
                     ),
                 ),
             ],
@@ -417,7 +458,10 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
                 ("currently_attached", Value::Bool(true)),
                 (
                     "device_config",
-                    Value::Struct(vec![("device".into(), Value::str(format!("/dev/sd{}", (b'a' + i as u8) as char)))]),
+                    Value::Struct(vec![(
+                        "device".into(),
+                        Value::str(format!("/dev/sd{}", (b'a' + i as u8) as char)),
+                    )]),
                 ),
             ],
         )?;
@@ -439,21 +483,29 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
     for (i, n) in net_specs.iter().enumerate() {
         for p in &n.purpose {
             if !pool.dm.enum_has("network_purpose", p) {
-                return Err(ScenarioError::Invalid(format!("network purpose {p:?} is not nbd or insecure_nbd")));
+                return Err(ScenarioError::Invalid(format!(
+                    "network purpose {p:?} is not nbd or insecure_nbd"
+                )));
             }
         }
-        let net = db.create(
-            "network",
-            [
-                (
-                    "name_label",
-                    Value::str(n.name.clone().unwrap_or_else(|| format!("Pool-wide network associated with eth{i}"))),
-                ),
-                ("bridge", Value::str(format!("xenbr{i}"))),
-                ("MTU", Value::Int(1500)),
-                ("purpose", Value::Array(n.purpose.iter().map(|p| Value::str(p.clone())).collect())),
-            ],
-        )?;
+        let net =
+            db.create(
+                "network",
+                [
+                    (
+                        "name_label",
+                        Value::str(n.name.clone().unwrap_or_else(|| {
+                            format!("Pool-wide network associated with eth{i}")
+                        })),
+                    ),
+                    ("bridge", Value::str(format!("xenbr{i}"))),
+                    ("MTU", Value::Int(1500)),
+                    (
+                        "purpose",
+                        Value::Array(n.purpose.iter().map(|p| Value::str(p.clone())).collect()),
+                    ),
+                ],
+            )?;
         for (h, host) in hosts.iter().enumerate() {
             db.create(
                 "PIF",
@@ -478,16 +530,37 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
     db.create(
         "pool",
         [
-            ("name_label", Value::str(sc.pool.name.clone().unwrap_or_else(|| "xapi-sim pool".into()))),
+            (
+                "name_label",
+                Value::str(
+                    sc.pool
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| "xapi-sim pool".into()),
+                ),
+            ),
             ("master", Value::str(hosts[0].clone())),
-            ("default_SR", Value::str(default_sr.clone().unwrap_or_else(|| NULL_REF.into()))),
-            ("suspend_image_SR", Value::str(default_sr.clone().unwrap_or_else(|| NULL_REF.into()))),
-            ("crash_dump_SR", Value::str(default_sr.unwrap_or_else(|| NULL_REF.into()))),
+            (
+                "default_SR",
+                Value::str(default_sr.clone().unwrap_or_else(|| NULL_REF.into())),
+            ),
+            (
+                "suspend_image_SR",
+                Value::str(default_sr.clone().unwrap_or_else(|| NULL_REF.into())),
+            ),
+            (
+                "crash_dump_SR",
+                Value::str(default_sr.unwrap_or_else(|| NULL_REF.into())),
+            ),
         ],
     )?;
     // Default templates.
     if sc.templates {
-        for name in ["Debian Bookworm 12", "Windows Server 2022 (64-bit)", "Other install media"] {
+        for name in [
+            "Debian Bookworm 12",
+            "Windows Server 2022 (64-bit)",
+            "Other install media",
+        ] {
             let t = db.create(
                 "VM",
                 [
@@ -522,10 +595,22 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
         }
         let host = hosts
             .get(v.host)
-            .ok_or_else(|| ScenarioError::Invalid(format!("VM {:?} names host {} of {}", v.name, v.host, hosts.len())))?
+            .ok_or_else(|| {
+                ScenarioError::Invalid(format!(
+                    "VM {:?} names host {} of {}",
+                    v.name,
+                    v.host,
+                    hosts.len()
+                ))
+            })?
             .clone();
         let live = state == "Running" || state == "Paused";
-        let mem = v.memory.as_ref().map(Size::bytes).transpose()?.unwrap_or(1 << 30) as i64;
+        let mem = v
+            .memory
+            .as_ref()
+            .map(Size::bytes)
+            .transpose()?
+            .unwrap_or(1 << 30) as i64;
         let vcpus = i64::from(v.vcpus.unwrap_or(1));
         let vm = db.create(
             "VM",
@@ -533,7 +618,10 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
                 ("name_label", Value::str(v.name.clone())),
                 ("name_description", Value::str("created by xapi-sim")),
                 ("power_state", Value::str(state.clone())),
-                ("tags", Value::Array(v.tags.iter().map(|t| Value::str(t.clone())).collect())),
+                (
+                    "tags",
+                    Value::Array(v.tags.iter().map(|t| Value::str(t.clone())).collect()),
+                ),
                 ("memory_static_max", Value::Int(mem)),
                 ("memory_dynamic_max", Value::Int(mem)),
                 ("memory_dynamic_min", Value::Int(mem)),
@@ -542,27 +630,47 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
                 ("VCPUs_max", Value::Int(vcpus)),
                 ("VCPUs_at_startup", Value::Int(vcpus)),
                 ("HVM_boot_policy", Value::str("BIOS order")),
-                ("HVM_boot_params", Value::Struct(vec![("order".into(), Value::str("cd"))])),
+                (
+                    "HVM_boot_params",
+                    Value::Struct(vec![("order".into(), Value::str("cd"))]),
+                ),
                 ("domain_type", Value::str("hvm")),
-                ("platform", Value::Struct(vec![("device-model".into(), Value::str("qemu-upstream-compat"))])),
-                ("resident_on", Value::str(if live { host.clone() } else { NULL_REF.into() })),
+                (
+                    "platform",
+                    Value::Struct(vec![(
+                        "device-model".into(),
+                        Value::str("qemu-upstream-compat"),
+                    )]),
+                ),
+                (
+                    "resident_on",
+                    Value::str(if live { host.clone() } else { NULL_REF.into() }),
+                ),
                 ("domid", Value::Int(if live { vi as i64 + 1 } else { -1 })),
                 ("actions_after_shutdown", Value::str("destroy")),
                 ("actions_after_reboot", Value::str("restart")),
                 ("actions_after_crash", Value::str("restart")),
                 (
                     "other_config",
-                    Value::Struct(v.other_config.iter().map(|(k, x)| (k.clone(), Value::str(x.clone()))).collect()),
+                    Value::Struct(
+                        v.other_config
+                            .iter()
+                            .map(|(k, x)| (k.clone(), Value::str(x.clone())))
+                            .collect(),
+                    ),
                 ),
             ],
         )?;
-        let host_srs: Vec<&String> = srs.iter().filter(|(_, h)| *h == v.host).map(|(s, _)| s).collect();
+        let host_srs: Vec<&String> = srs
+            .iter()
+            .filter(|(_, h)| *h == v.host)
+            .map(|(s, _)| s)
+            .collect();
         for (di, d) in v.disks.iter().enumerate() {
             let sr = match d.sr {
-                Some(i) => srs
-                    .get(i)
-                    .map(|(s, _)| s.clone())
-                    .ok_or_else(|| ScenarioError::Invalid(format!("VM {:?} disk {di} names SR {i}", v.name)))?,
+                Some(i) => srs.get(i).map(|(s, _)| s.clone()).ok_or_else(|| {
+                    ScenarioError::Invalid(format!("VM {:?} disk {di} names SR {i}", v.name))
+                })?,
                 None => host_srs
                     .first()
                     .map(|s| (*s).clone())
@@ -576,7 +684,11 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
                 vec![
                     (
                         "name_label".into(),
-                        Value::str(d.name.clone().unwrap_or_else(|| format!("{} disk {di}", v.name))),
+                        Value::str(
+                            d.name
+                                .clone()
+                                .unwrap_or_else(|| format!("{} disk {di}", v.name)),
+                        ),
                     ),
                     ("SR".into(), Value::str(sr)),
                     ("virtual_size".into(), Value::Int(size as i64)),
@@ -589,13 +701,17 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
                 let share = parse_percent(w)?;
                 let blocks = (vdi_rec.int_of("virtual_size") as u64).div_ceil(CBT_BLOCK_SIZE);
                 let count = (blocks as f64 * share).round() as u64;
-                let disk_seed = seed.wrapping_mul(1_000_003).wrapping_add((vi as u64) << 8 | di as u64);
+                let disk_seed = seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((vi as u64) << 8 | di as u64);
                 pool.disks
                     .guest_write(&uuid, disk_seed, count)
                     .map_err(|e| ScenarioError::Build(crate::api::disk_err(e)))?;
             }
             if d.cbt {
-                pool.disks.enable_cbt(&uuid).map_err(|e| ScenarioError::Build(crate::api::disk_err(e)))?;
+                pool.disks
+                    .enable_cbt(&uuid)
+                    .map_err(|e| ScenarioError::Build(crate::api::disk_err(e)))?;
                 db.set("VDI", &vdi, "cbt_enabled", Value::Bool(true))?;
             }
             db.create(
@@ -604,7 +720,10 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
                     ("VM", Value::str(vm.clone())),
                     ("VDI", Value::str(vdi)),
                     ("userdevice", Value::str(di.to_string())),
-                    ("device", Value::str(format!("xvd{}", (b'a' + di as u8) as char))),
+                    (
+                        "device",
+                        Value::str(format!("xvd{}", (b'a' + di as u8) as char)),
+                    ),
                     ("bootable", Value::Bool(di == 0)),
                     ("mode", Value::str("RW")),
                     ("type", Value::str("Disk")),
@@ -614,16 +733,22 @@ pub fn build(pool: &Pool, sc: &Scenario) -> Result<(), ScenarioError> {
             )?;
         }
         for (ni, n) in v.vifs.iter().enumerate() {
-            let net = networks
-                .get(n.network)
-                .ok_or_else(|| ScenarioError::Invalid(format!("VM {:?} VIF {ni} names network {}", v.name, n.network)))?;
+            let net = networks.get(n.network).ok_or_else(|| {
+                ScenarioError::Invalid(format!(
+                    "VM {:?} VIF {ni} names network {}",
+                    v.name, n.network
+                ))
+            })?;
             db.create(
                 "VIF",
                 [
                     ("VM", Value::str(vm.clone())),
                     ("network", Value::str(net.clone())),
                     ("device", Value::str(ni.to_string())),
-                    ("MAC", Value::str(mac(seed.wrapping_mul(31) ^ ((vi as u64) << 8) ^ ni as u64))),
+                    (
+                        "MAC",
+                        Value::str(mac(seed.wrapping_mul(31) ^ ((vi as u64) << 8) ^ ni as u64)),
+                    ),
                     ("MTU", Value::Int(1500)),
                     ("currently_attached", Value::Bool(state != "Halted")),
                 ],

@@ -90,7 +90,9 @@ pub enum SimError {
     #[error(transparent)]
     Scenario(#[from] ScenarioError),
     /// The saved state is unusable.
-    #[error("state file {path} is unusable ({reason}); move the state directory aside to start afresh")]
+    #[error(
+        "state file {path} is unusable ({reason}); move the state directory aside to start afresh"
+    )]
     State {
         /// The file.
         path: String,
@@ -123,7 +125,9 @@ struct SavedConfig {
 fn generate_password() -> String {
     const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::rng();
-    (0..20).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
+    (0..20)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
 }
 
 impl Simulator {
@@ -131,7 +135,8 @@ impl Simulator {
     /// scenario if it has none, binds every listener and starts serving.
     pub async fn start(cfg: SimConfig) -> Result<Simulator, SimError> {
         let paths = StatePaths::new(&cfg.state_dir);
-        std::fs::create_dir_all(&paths.root).map_err(io_err(format!("creating {}", paths.root.display())))?;
+        std::fs::create_dir_all(&paths.root)
+            .map_err(io_err(format!("creating {}", paths.root.display())))?;
         // Credentials: explicit, else saved, else generated (and saved).
         let saved: Option<SavedConfig> = std::fs::read(paths.config())
             .ok()
@@ -149,7 +154,8 @@ impl Simulator {
             path: paths.config().display().to_string(),
             reason: e.to_string(),
         })?;
-        write_atomic(&paths.config(), &text).map_err(io_err(format!("writing {}", paths.config().display())))?;
+        write_atomic(&paths.config(), &text)
+            .map_err(io_err(format!("writing {}", paths.config().display())))?;
 
         let tls = crate::tls::load_or_create(&paths.tls())?;
         let disks = Arc::new(DiskStore::open(paths.disks())?);
@@ -164,11 +170,13 @@ impl Simulator {
         ));
         let db_path = paths.db();
         if db_path.exists() {
-            let bytes = std::fs::read(&db_path).map_err(io_err(format!("reading {}", db_path.display())))?;
-            let j: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| SimError::State {
-                path: db_path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            let bytes = std::fs::read(&db_path)
+                .map_err(io_err(format!("reading {}", db_path.display())))?;
+            let j: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| SimError::State {
+                    path: db_path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
             pool.db().load_json(&j).map_err(|reason| SimError::State {
                 path: db_path.display().to_string(),
                 reason,
@@ -192,6 +200,12 @@ impl Simulator {
             .map(|(r, h)| (r.clone(), h.str_of("name_label").to_string()))
             .collect();
         hosts.sort_by_key(|(r, name)| (*r != coordinator, name.clone()));
+        if hosts.is_empty() {
+            return Err(SimError::State {
+                path: db_path.display().to_string(),
+                reason: "the pool has no host".into(),
+            });
+        }
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let mut api_router = Router::new();
@@ -211,8 +225,12 @@ impl Simulator {
             let http = TcpListener::bind(http_addr)
                 .await
                 .map_err(io_err(format!("binding {http_addr}")))?;
-            let https = TcpListener::bind(any).await.map_err(io_err("binding the HTTPS port"))?;
-            let nbd = TcpListener::bind(any).await.map_err(io_err("binding the NBD port"))?;
+            let https = TcpListener::bind(any)
+                .await
+                .map_err(io_err("binding the HTTPS port"))?;
+            let nbd = TcpListener::bind(any)
+                .await
+                .map_err(io_err("binding the NBD port"))?;
             let ep = HostEndpoint {
                 host: host.clone(),
                 http: http.local_addr().map_err(io_err("local address"))?,
@@ -221,7 +239,11 @@ impl Simulator {
             };
             // The control API is served on every plain HTTP listener of the
             // first host (the coordinator at start).
-            let plain_router = if i == 0 { control_router.clone() } else { api_router.clone() };
+            let plain_router = if i == 0 {
+                control_router.clone()
+            } else {
+                api_router.clone()
+            };
             tasks.push(tokio::spawn(crate::http::serve(
                 http,
                 ListenerSpec {
@@ -251,9 +273,15 @@ impl Simulator {
             endpoints.push(ep);
         }
         pool.set_endpoints(endpoints.clone());
-        tasks.push(tokio::spawn(persist_loop(pool.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(persist_loop(
+            pool.clone(),
+            shutdown_rx.clone(),
+        )));
 
-        let first = &endpoints[0];
+        let first = endpoints.first().cloned().ok_or_else(|| SimError::State {
+            path: db_path.display().to_string(),
+            reason: "the pool has no host".into(),
+        })?;
         let info = SimInfo {
             url: format!("http://{}", first.http),
             https_url: format!("https://{}", first.https),

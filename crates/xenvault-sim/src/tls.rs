@@ -37,7 +37,9 @@ pub enum TlsSetupError {
         source: std::io::Error,
     },
     /// The PEM files could not be used; delete them to make new ones.
-    #[error("TLS identity in {dir} is unusable ({reason}); delete that directory to generate a new certificate")]
+    #[error(
+        "TLS identity in {dir} is unusable ({reason}); delete that directory to generate a new certificate"
+    )]
     Invalid {
         /// The directory.
         dir: String,
@@ -60,16 +62,23 @@ pub fn load_or_create(dir: &Path) -> Result<TlsIdentity, TlsSetupError> {
     let key_path = dir.join("key.pem");
     if !cert_path.exists() || !key_path.exists() {
         std::fs::create_dir_all(dir).map_err(io)?;
-        let ck = rcgen::generate_simple_self_signed(vec![SUBJECT.to_string(), "127.0.0.1".to_string()])
-            .map_err(|e| invalid(e.to_string()))?;
-        crate::state::write_atomic(&key_path, ck.signing_key.serialize_pem().as_bytes()).map_err(io)?;
+        let ck =
+            rcgen::generate_simple_self_signed(vec![SUBJECT.to_string(), "127.0.0.1".to_string()])
+                .map_err(|e| invalid(e.to_string()))?;
+        crate::state::write_atomic(&key_path, ck.signing_key.serialize_pem().as_bytes())
+            .map_err(io)?;
         crate::state::write_atomic(&cert_path, ck.cert.pem().as_bytes()).map_err(io)?;
     }
     let cert_pem = std::fs::read_to_string(&cert_path).map_err(io)?;
     let key_pem = std::fs::read_to_string(&key_path).map_err(io)?;
-    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| invalid(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid(e.to_string()))?;
-    let fingerprint = format!("sha256:{}", hex::encode(sha2::Sha256::digest(cert.as_ref())));
+    let cert =
+        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+    let fingerprint = format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(cert.as_ref()))
+    );
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let server_config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

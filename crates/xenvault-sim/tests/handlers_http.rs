@@ -1,7 +1,7 @@
 //! The HTTP data handlers over real sockets: auth, task semantics, raw/VHD/tar/XVA
 //! exports checked by outside tools, imports, refusals and faults.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap (PREAMBLE code rules)
+#![allow(clippy::unwrap_used)] // tests may unwrap (project code rules)
 
 mod handlers_util;
 
@@ -722,5 +722,81 @@ async fn faults_cut_an_export_and_fill_the_sr() {
     assert_eq!(r.status(), 200);
     let (status, _, err) = task(&pool, &t);
     assert_eq!((status.as_str(), err[0].as_str()), ("failure", "SR_FULL"));
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_and_cbt_survive_a_restart_of_the_simulator() {
+    let sim = start(2, DISK, "insecure_nbd").await;
+    let pool = sim.pool().clone();
+    let vm = vm_by_name(&pool, "vm-02");
+    let (vdi, uuid, _) = vm_disk(&pool, &vm);
+    pool.disks.enable_cbt(&uuid).unwrap();
+    pool.disks.snapshot(&uuid, "restart-snap").unwrap();
+    let written = pool.disks.guest_write(&uuid, 99, 5).unwrap();
+    let before = disk_bytes(&pool, &uuid);
+    let state = sim.dir.path().join("state");
+    let Sim { sim, dir, .. } = sim;
+    sim.shutdown().await.unwrap();
+    drop(pool);
+
+    let again = xenvault_sim::Simulator::start(xenvault_sim::SimConfig::new(&state))
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = again
+        .info
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let pool = again.pool.clone();
+    let session = pool.new_session("root", "t", &pool.coordinator());
+    let r = get(
+        addr,
+        &format!("/export_raw_vdi?session_id={session}&vdi={vdi}"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.body, before);
+    let bits = pool
+        .disks
+        .list_changed_blocks("restart-snap", &uuid)
+        .unwrap();
+    assert_eq!(bits.ones().collect::<Vec<_>>(), written);
+    again.shutdown().await.unwrap();
+    drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_with_xo_fake_length_finishes_at_the_tar_end() {
+    // XO sends Content-Length: 1 PiB when it does not know the size and keeps the socket
+    // open after the data: the import must finish at the tar end, not wait for more.
+    let sim = start(2, DISK, "insecure_nbd").await;
+    let pool = sim.pool().clone();
+    let vm = vm_by_name(&pool, "vm-02");
+    let xva = get(
+        sim.addr,
+        &format!(
+            "/export?session_id={}&ref={vm}&use_compression=zstd",
+            sim.session
+        ),
+    )
+    .await
+    .body;
+    let t = pool.task_create("t", "");
+    let head = format!(
+        "PUT /import?session_id={}&task_id={t} HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        sim.session,
+        1u64 << 50
+    );
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        request(sim.addr, &head, &xva),
+    )
+    .await
+    .expect("the import must not wait for the fake length");
+    assert_eq!(r.status(), 200);
+    let (status, _, err) = task(&pool, &t);
+    assert_eq!(status, "success", "{err:?}");
     sim.stop().await;
 }

@@ -2,7 +2,7 @@
 //! insecure mode, the xenvault client over STARTTLS, the option and read rules, the dom0
 //! VBD while connected, and the connection limit.
 
-#![allow(clippy::unwrap_used)] // tests may unwrap (PREAMBLE code rules)
+#![allow(clippy::unwrap_used)] // tests may unwrap (project code rules)
 
 mod handlers_util;
 

@@ -29,7 +29,10 @@ fn python_sdk_drives_the_simulator() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sim = common::SimProcess::spawn(dir.path(), &["--hosts", "2", "--vms", "4", "--disk-size", "4M"]);
+    let sim = common::SimProcess::spawn(
+        dir.path(),
+        &["--hosts", "2", "--vms", "4", "--disk-size", "4M"],
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/sdk_check.py");
     let out = Command::new("python3")
         .arg(script)
@@ -44,9 +47,25 @@ fn python_sdk_drives_the_simulator() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}{stderr}");
-    assert!(out.status.success(), "sdk_check.py failed:\n{stdout}\n{stderr}");
-    for step in ["login", "VM.snapshot", "set is_a_template false", "destroy snapshot and its VDIs", "Async.VM.clone + task", "HOST_IS_SLAVE from a member", "errors as XenAPI.Failure", "HTTPS with the announced certificate", "logout"] {
-        assert!(stdout.contains(&format!("OK {step}")), "step {step} missing:\n{stdout}");
+    assert!(
+        out.status.success(),
+        "sdk_check.py failed:\n{stdout}\n{stderr}"
+    );
+    for step in [
+        "login",
+        "VM.snapshot",
+        "set is_a_template false",
+        "destroy snapshot and its VDIs",
+        "Async.VM.clone + task",
+        "HOST_IS_SLAVE from a member",
+        "errors as XenAPI.Failure",
+        "HTTPS with the announced certificate",
+        "logout",
+    ] {
+        assert!(
+            stdout.contains(&format!("OK {step}")),
+            "step {step} missing:\n{stdout}"
+        );
     }
     assert!(sim.stop(), "xapi-sim did not exit cleanly on SIGTERM");
 }

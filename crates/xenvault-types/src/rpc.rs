@@ -12,8 +12,8 @@
 
 use std::fmt::Write as _;
 
-use quick_xml::events::Event;
 use quick_xml::Reader;
+use quick_xml::events::Event;
 
 /// One XAPI value as it travels on the wire.
 #[derive(Debug, Clone, PartialEq)]
@@ -602,10 +602,7 @@ impl<'a> XmlParser<'a> {
     }
 
     fn err(&self, msg: impl std::fmt::Display) -> ValueError {
-        ValueError::Xml(format!(
-            "{msg} (at byte {})",
-            self.reader.buffer_position()
-        ))
+        ValueError::Xml(format!("{msg} (at byte {})", self.reader.buffer_position()))
     }
 
     /// The next item, with adjacent text and entity references merged.
@@ -617,11 +614,7 @@ impl<'a> XmlParser<'a> {
         loop {
             let ev = self.reader.read_event().map_err(|e| self.err(e))?;
             let piece = match ev {
-                Event::Text(t) => Some(
-                    t.decode()
-                        .map_err(|e| self.err(e))?
-                        .into_owned(),
-                ),
+                Event::Text(t) => Some(t.decode().map_err(|e| self.err(e))?.into_owned()),
                 Event::CData(c) => Some(
                     std::str::from_utf8(&c)
                         .map_err(|e| self.err(e))?
@@ -660,6 +653,17 @@ impl<'a> XmlParser<'a> {
                 }
             };
             if let Some(p) = piece {
+                // XML 1.0 forbids these characters; xapi never sends them (its
+                // encoder drops them), so a document holding one is malformed.
+                if let Some(c) = p
+                    .chars()
+                    .find(|&c| (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r'))
+                {
+                    return Err(self.err(format!(
+                        "control character U+{:04X} is not allowed in XML text",
+                        c as u32
+                    )));
+                }
                 text.get_or_insert_with(String::new).push_str(&p);
             }
         }
@@ -803,9 +807,11 @@ impl<'a> XmlParser<'a> {
                         .map_err(|_| self.err(format!("bad double {t:?}")))?,
                 )
             }
-            "dateTime.iso8601" => {
-                Value::DateTime(self.text_until_close("dateTime.iso8601")?.trim().to_string())
-            }
+            "dateTime.iso8601" => Value::DateTime(
+                self.text_until_close("dateTime.iso8601")?
+                    .trim()
+                    .to_string(),
+            ),
             "base64" => Value::String(self.text_until_close("base64")?),
             "nil" => {
                 self.close("nil")?;
@@ -817,7 +823,9 @@ impl<'a> XmlParser<'a> {
                     Tag::Open(n) if n == "data" => loop {
                         match self.next_tag()? {
                             Tag::Open(n) if n == "value" => items.push(self.value_after_open()?),
-                            Tag::Empty(n) if n == "value" => items.push(Value::String(String::new())),
+                            Tag::Empty(n) if n == "value" => {
+                                items.push(Value::String(String::new()))
+                            }
                             Tag::Close(n) if n == "data" => break,
                             other => return Err(unexpected(&other, "<value> or </data>")),
                         }
@@ -877,7 +885,10 @@ mod tests {
             Value::str("")
         );
         assert_eq!(
-            Value::from_xml("<value><i4>7</i4></value>").unwrap().as_i64().unwrap(),
+            Value::from_xml("<value><i4>7</i4></value>")
+                .unwrap()
+                .as_i64()
+                .unwrap(),
             7
         );
     }
@@ -919,9 +930,13 @@ mod tests {
         let c = MethodCall::from_xml(python).unwrap();
         assert_eq!(c.method, "VM.get_all");
         assert_eq!(c.params, vec![Value::str("OpaqueRef:x")]);
-        let resp = MethodResponse::Value(Envelope::Failure(vec!["HANDLE_INVALID".into(), "VM".into()]).to_value());
+        let resp = MethodResponse::Value(
+            Envelope::Failure(vec!["HANDLE_INVALID".into(), "VM".into()]).to_value(),
+        );
         let back = MethodResponse::from_xml(&resp.to_xml()).unwrap();
-        let MethodResponse::Value(v) = back else { panic!() };
+        let MethodResponse::Value(v) = back else {
+            panic!()
+        };
         assert_eq!(
             Envelope::from_value(&v).unwrap(),
             Envelope::Failure(vec!["HANDLE_INVALID".into(), "VM".into()])
@@ -930,9 +945,29 @@ mod tests {
 
     #[test]
     fn malformed_input_is_an_error_not_a_panic() {
-        for bad in ["", "<value>", "<value><int>x</int></value>", "<value><struct><member></member></struct></value>", "<value><boolean>2</boolean></value>", "<value>a</value>junk"] {
+        for bad in [
+            "",
+            "<value>",
+            "<value><int>x</int></value>",
+            "<value><struct><member></member></struct></value>",
+            "<value><boolean>2</boolean></value>",
+            "<value>a</value>junk",
+        ] {
             assert!(Value::from_xml(bad).is_err(), "{bad:?} should fail");
         }
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        // Found by fuzzing (fuzz/seeds/xmlrpc_value/ctrl_in_datetime): a NUL
+        // inside a value used to decode, then re-encode differently.
+        let bad = "<value><dateTime.iso8601>\u{0}20250319T\t\u{0}</dateTime.iso8601></value>";
+        assert!(Value::from_xml(bad).is_err());
+        assert!(Value::from_xml("<value>a\u{1}b</value>").is_err());
+        assert_eq!(
+            Value::from_xml("<value>a\tb\n</value>").unwrap(),
+            Value::str("a\tb\n")
+        );
     }
 
     #[test]
@@ -953,7 +988,12 @@ mod tests {
     fn datetimes() {
         let t = parse_datetime("20250319T04:16:24Z").unwrap();
         assert_eq!(format_datetime(t), "20250319T04:16:24Z");
-        assert_eq!(parse_datetime("19700101T00:00:00Z").unwrap().unix_timestamp(), 0);
+        assert_eq!(
+            parse_datetime("19700101T00:00:00Z")
+                .unwrap()
+                .unix_timestamp(),
+            0
+        );
         assert!(parse_datetime("yesterday").is_err());
     }
 }

@@ -360,6 +360,14 @@ pub fn where_field(field: &str, value: &str) -> Option<String> {
     Some(format!("field \"{}\"=\"{value}\"", db_column_name(field)))
 }
 
+/// Several [`where_field`] terms joined with `and`, e.g.
+/// `where_all(&[("is_a_template", "false"), ("is_control_domain", "false")])`.
+/// `None` if a value contains `"`.
+pub fn where_all(terms: &[(&str, &str)]) -> Option<String> {
+    let terms: Option<Vec<String>> = terms.iter().map(|(f, v)| where_field(f, v)).collect();
+    Some(terms?.join(" and "))
+}
+
 /// The DB column name of a datamodel field: fields declared inside a
 /// datamodel namespace are stored as `<namespace>__<field>` (xen-api
 /// ocaml/idl/escaping.ml `escape_id`). The namespaces of the classes
@@ -767,6 +775,11 @@ mod tests {
         assert_eq!(db_column_name("API_version_major"), "API_version__major");
         assert_eq!(db_column_name("VCPUs_max"), "VCPUs__max");
         assert!(where_field("name_label", "a\"b").is_none());
+        assert_eq!(
+            where_all(&[("is_a_template", "false"), ("power_state", "Running")]).unwrap(),
+            r#"field "is_a_template"="false" and field "power_state"="Running""#
+        );
+        assert!(where_all(&[("a", "b"), ("c", "\"")]).is_none());
     }
 
     #[test]

@@ -252,15 +252,17 @@ pub enum Error {
     },
     /// The HTTP request did not complete (connection refused, reset, TLS
     /// failure, timeout).
-    #[error("XAPI call {method}: cannot talk to {url}: {source}")]
+    #[error("XAPI call {method}: cannot talk to {url}: {detail}")]
     Transport {
         /// The call.
         method: String,
         /// The endpoint (without credentials).
         url: String,
-        /// The underlying error.
-        #[source]
-        source: reqwest::Error,
+        /// The whole cause chain as text (e.g. a TLS pin mismatch, which
+        /// reqwest nests several levels deep).
+        detail: String,
+        /// The underlying error (its URL removed).
+        cause: reqwest::Error,
     },
     /// The server answered with an HTTP status other than 200.
     #[error("XAPI call {method}: HTTP {status} from {url}: {excerpt}")]
@@ -375,8 +377,8 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Xapi { error, .. } => error.is_retryable(),
-            Error::Transport { source, .. } => {
-                source.is_connect() || source.is_timeout() || source.is_request()
+            Error::Transport { cause, .. } => {
+                cause.is_connect() || cause.is_timeout() || cause.is_request()
             }
             Error::HttpStatus { status, .. } => matches!(status, 502..=504),
             Error::TaskTimeout { .. } => true,

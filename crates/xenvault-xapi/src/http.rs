@@ -342,6 +342,9 @@ pub struct BodyStream {
     received: u64,
     head: BytesMut,
     state: BodyState,
+    /// True while a poll is waiting for the server (the idle clock runs only then,
+    /// so a slow consumer never counts as server silence).
+    waiting: bool,
 }
 
 impl BodyStream {
@@ -354,6 +357,7 @@ impl BodyStream {
             received: 0,
             head: BytesMut::new(),
             state: BodyState::Probing,
+            waiting: false,
         }
     }
 
@@ -376,6 +380,22 @@ impl Stream for BodyStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if !this.waiting {
+            this.waiting = true;
+            let deadline = Instant::now() + this.idle;
+            this.sleep.as_mut().reset(deadline);
+        }
+        let result = this.poll_inner(cx);
+        if result.is_ready() {
+            this.waiting = false;
+        }
+        result
+    }
+}
+
+impl BodyStream {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, HttpError>>> {
+        let this = self;
         loop {
             if matches!(this.state, BodyState::Done) {
                 return Poll::Ready(None);

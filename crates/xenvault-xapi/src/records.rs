@@ -696,8 +696,8 @@ xapi_record! {
 }
 
 xapi_record! {
-    /// A PBD record: an SR's connection to a host.
-    #[derive(Debug)]
+    /// A PBD record: an SR's connection to a host. `device_config` may hold
+    /// secrets (CIFS passwords, CHAP secrets): Debug redacts those values.
     pub struct Pbd in "PBD", fields pbd_fields {
         /// Uuid.
         "uuid" => uuid: String,
@@ -711,6 +711,28 @@ xapi_record! {
         "device_config" => device_config: StringMap,
         /// Free-form configuration.
         "other_config" => other_config: StringMap,
+    }
+}
+
+impl fmt::Debug for Pbd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let device_config: BTreeMap<&str, &str> = self
+            .device_config
+            .iter()
+            .map(|(k, v)| {
+                let key = k.to_ascii_lowercase();
+                let secret = key.contains("password") || key.contains("secret");
+                (k.as_str(), if secret { "<redacted>" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("Pbd")
+            .field("uuid", &self.uuid)
+            .field("host", &self.host)
+            .field("sr", &self.sr)
+            .field("currently_attached", &self.currently_attached)
+            .field("device_config", &device_config)
+            .field("other_config", &self.other_config)
+            .finish()
     }
 }
 

@@ -495,8 +495,8 @@ impl Session {
         &self.inner.client.options
     }
 
-    /// How many times the session has logged in again (0 after the first
-    /// login): useful in tests and reports.
+    /// How many times the session has logged in again since the first login
+    /// (a logout counts too): useful in tests and reports.
     pub fn relogin_count(&self) -> u64 {
         self.connection().generation
     }

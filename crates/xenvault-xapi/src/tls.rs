@@ -179,6 +179,11 @@ pub enum TlsPolicy {
     /// Accept exactly the certificate with this SHA-256 fingerprint (no name or date
     /// checks; handshake signatures are still verified).
     Pinned(Fingerprint),
+    /// Accept a certificate with any of these fingerprints: every host of a pool
+    /// has its own certificate, and transfers redirected to a member (302) or NBD
+    /// connections to it must accept the member's (pin them all, e.g. from
+    /// `host.get_server_certificate` read over the pinned coordinator connection).
+    PinnedAny(Vec<Fingerprint>),
     /// Accept any certificate. Insecure: only behind an explicit user option.
     InsecureNoVerify,
 }
@@ -198,6 +203,7 @@ impl TlsPolicy {
                     .with_no_client_auth())
             }
             TlsPolicy::Pinned(fingerprint) => Ok(pinned_config(*fingerprint)?),
+            TlsPolicy::PinnedAny(fingerprints) => Ok(pinned_any_config(fingerprints)?),
             TlsPolicy::InsecureNoVerify => {
                 tracing::warn!("TLS certificate verification is DISABLED for this connection");
                 Ok(builder()?
@@ -221,9 +227,15 @@ fn builder() -> Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier
 
 /// A config that accepts only the certificate with this fingerprint.
 pub fn pinned_config(fingerprint: Fingerprint) -> Result<ClientConfig, TlsError> {
+    pinned_any_config(&[fingerprint])
+}
+
+/// A config that accepts only certificates with one of these fingerprints (none
+/// given: nothing is accepted).
+pub fn pinned_any_config(fingerprints: &[Fingerprint]) -> Result<ClientConfig, TlsError> {
     Ok(builder()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(fingerprint)))
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(fingerprints.to_vec())))
         .with_no_client_auth())
 }
 
@@ -298,7 +310,7 @@ pub fn system_roots() -> Result<RootCertStore, TlsError> {
 
 /// The certificate a pinned verifier found instead of the pinned one.
 struct PinMismatch {
-    expected: Fingerprint,
+    expected: Vec<Fingerprint>,
     presented: Fingerprint,
 }
 
@@ -307,7 +319,12 @@ impl fmt::Display for PinMismatch {
         write!(
             f,
             "the server's certificate {} does not match the pinned {}; if the pool certificate was renewed, check it and run `xenvault trust URL` again",
-            self.presented, self.expected
+            self.presented,
+            self.expected
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
         )
     }
 }
@@ -321,15 +338,15 @@ impl fmt::Debug for PinMismatch {
 
 impl std::error::Error for PinMismatch {}
 
-/// Accepts exactly one leaf certificate, by fingerprint.
+/// Accepts exactly the leaf certificates with these fingerprints.
 #[derive(Debug)]
 struct PinnedVerifier {
-    expected: Fingerprint,
+    expected: Vec<Fingerprint>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl PinnedVerifier {
-    fn new(expected: Fingerprint) -> PinnedVerifier {
+    fn new(expected: Vec<Fingerprint>) -> PinnedVerifier {
         PinnedVerifier {
             expected,
             algorithms: crypto_provider().signature_verification_algorithms,
@@ -347,12 +364,12 @@ impl ServerCertVerifier for PinnedVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let presented = Fingerprint::of_der(end_entity.as_ref());
-        if presented == self.expected {
+        if self.expected.contains(&presented) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
-                    expected: self.expected,
+                    expected: self.expected.clone(),
                     presented,
                 }))),
             ))

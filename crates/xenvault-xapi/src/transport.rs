@@ -136,7 +136,9 @@ pub fn parse_pool_url(text: &str) -> Result<Url> {
 
 /// The URL of the coordinator named by `HOST_IS_SLAVE [address]`: the same
 /// scheme, port and path as `current`, with the host replaced; IPv6
-/// addresses are bracketed (`docs/xapi-notes.md`, "Sessions").
+/// addresses are bracketed (`docs/xapi-notes.md`, "Sessions"). xapi sends a
+/// bare address; `host:port` and `[v6]:port` (what xapi-sim sends, its hosts
+/// sharing one IP) also replace the port.
 pub fn coordinator_url(current: &Url, address: &str) -> Result<Url> {
     let address = address.trim();
     let invalid = |reason: String| Error::InvalidUrl {
@@ -146,15 +148,38 @@ pub fn coordinator_url(current: &Url, address: &str) -> Result<Url> {
     if address.is_empty() {
         return Err(invalid("HOST_IS_SLAVE named no coordinator address".into()));
     }
-    let host = if address.contains(':') && !address.starts_with('[') {
-        format!("[{address}]")
+    let (host, port) = split_host_port(address);
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
     } else {
-        address.to_string()
+        host.to_string()
     };
     let mut url = current.clone();
     url.set_host(Some(&host))
         .map_err(|e| invalid(format!("not a usable coordinator address: {e}")))?;
+    if let Some(port) = port {
+        url.set_port(Some(port))
+            .map_err(|()| invalid("cannot set the port".into()))?;
+    }
     Ok(url)
+}
+
+/// Splits `host:port` (one colon) or `[v6]:port`; anything else is a bare
+/// address (including bare IPv6 with several colons).
+fn split_host_port(address: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = address.strip_prefix('[')
+        && let Some((v6, tail)) = rest.split_once(']')
+    {
+        let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+        return (v6, port);
+    }
+    if let Some((host, port)) = address.split_once(':')
+        && !port.contains(':')
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return (host, Some(port));
+    }
+    (address, None)
 }
 
 /// The URL for messages: no path details beyond scheme, host and port.
@@ -246,6 +271,20 @@ pub fn decode_xml_response(body: &[u8]) -> std::result::Result<Envelope, String>
         }
         MethodResponse::Fault { code, message } => Err(format!("XML-RPC fault {code}: {message}")),
     }
+}
+
+/// An error and its sources as one line, without repeats.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = current {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        current = e.source();
+    }
+    parts.join(": ")
 }
 
 fn excerpt(body: &[u8]) -> String {
@@ -368,10 +407,12 @@ impl Transport {
     }
 
     fn transport_error(&self, method: &str, url: &Url, e: reqwest::Error) -> Error {
+        let cause = e.without_url();
         Error::Transport {
             method: method.to_string(),
             url: shown_url(url),
-            source: e.without_url(),
+            detail: error_chain(&cause),
+            cause,
         }
     }
 
@@ -495,6 +536,13 @@ mod tests {
         let c = coordinator_url(&parse_pool_url("http://a:81/").unwrap(), "[fe80::2]").unwrap();
         assert_eq!(c.as_str(), "http://[fe80::2]:81/");
         assert!(coordinator_url(&parse_pool_url("http://a/").unwrap(), " ").is_err());
+        let c =
+            coordinator_url(&parse_pool_url("https://a:1/").unwrap(), "127.0.0.1:4443").unwrap();
+        assert_eq!(c.as_str(), "https://127.0.0.1:4443/");
+        let c = coordinator_url(&parse_pool_url("https://a:1/").unwrap(), "[::1]:4443").unwrap();
+        assert_eq!(c.as_str(), "https://[::1]:4443/");
+        let c = coordinator_url(&parse_pool_url("https://a:1/").unwrap(), "fd00::1:4443").unwrap();
+        assert_eq!(c.as_str(), "https://[fd00::1:4443]:1/");
     }
 
     #[test]

@@ -519,3 +519,36 @@ async fn silent_servers_time_out_instead_of_hanging() {
     assert!(!err.to_string().contains("very-secret"), "{err}");
     server.abort();
 }
+
+#[tokio::test]
+async fn a_slow_consumer_is_not_server_silence() {
+    // Server: a chunk at t=0, the next at t=1.0 s. Consumer: pauses 0.7 s after the
+    // first chunk. The idle limit (0.5 s) must count only the time spent waiting
+    // for the server (0.7 → 1.0 s), not the consumer's pause.
+    let handler: Handler = Arc::new(|seen, mut reader, _| {
+        Box::pin(async move {
+            let s = reader.get_mut();
+            s.write_all(b"HTTP/1.0 200 OK\r\n\r\nfirst-").await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            s.write_all(b"second").await.unwrap();
+            s.shutdown().await.unwrap();
+            seen
+        })
+    });
+    let (port, _, server) = server(handler).await;
+    let download = transfer(Duration::from_millis(500))
+        .get(url(port, "/export", None))
+        .await
+        .unwrap();
+    let mut body = download.body;
+    let first = body.next().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"first-");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(rest, b"second");
+    server.abort();
+}

@@ -1,17 +1,17 @@
 //! The client over real HTTP against a scripted loopback endpoint
-//! (`common::MockXapi`): protocol choice and fallback, login and
+//! (`rpc_mock::MockXapi`): protocol choice and fallback, login and
 //! originator, `HOST_IS_SLAVE`, `SESSION_INVALID`, the `VM.snapshot`
 //! fallback, async calls and tasks, task guards, logout.
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
-mod common;
+mod rpc_mock;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{JsonMode, MockXapi, Received, Reply, fail, session_of};
+use rpc_mock::{JsonMode, MockXapi, Received, Reply, fail, session_of};
 use xenvault_types::rpc::Value;
 use xenvault_xapi::error::{Error, ErrorCode};
 use xenvault_xapi::model::Ref;
@@ -233,24 +233,25 @@ async fn unreachable_hosts_are_transport_errors() {
     assert!(err.is_retryable());
 }
 
-/// A member at `member_addr` answering every call with `HOST_IS_SLAVE [coordinator]`.
-async fn member(member_addr: &str, coordinator: &'static str) -> std::io::Result<MockXapi> {
-    MockXapi::start_at(member_addr, JsonMode::V2, move |_r: &Received| {
-        fail(&["HOST_IS_SLAVE", coordinator])
+/// A member on 127.0.0.1 answering every call with `HOST_IS_SLAVE [coordinator]`.
+///
+/// Test servers bind only 127.0.0.1, so every host of these tests has its own
+/// port and `HOST_IS_SLAVE` names `127.0.0.1:PORT` (as xapi-sim does). How a
+/// bare address (real xapi) keeps the scheme and port, and how IPv6 is
+/// bracketed, is covered by the unit tests of `transport::coordinator_url`.
+async fn member(coordinator: String) -> MockXapi {
+    MockXapi::start(JsonMode::V2, move |_r: &Received| {
+        fail(&["HOST_IS_SLAVE", &coordinator])
     })
     .await
 }
 
 #[tokio::test]
 async fn host_is_slave_at_login_reconnects_to_the_coordinator() {
-    // Two hosts on the same port: the coordinator on 127.0.0.1, the member
-    // on 127.0.0.2 (the redirect keeps the scheme and port).
     let state = PoolState::new();
     let coordinator = MockXapi::start(JsonMode::V2, pool_handler(state)).await;
     let port = coordinator.addr.port();
-    let member = member(&format!("127.0.0.2:{port}"), "127.0.0.1")
-        .await
-        .expect("127.0.0.2 is a loopback address on Linux");
+    let member = member(format!("127.0.0.1:{port}")).await;
     let session = connect(&member.url).await.unwrap();
     assert_eq!(
         session.base_url().as_str(),
@@ -265,57 +266,30 @@ async fn host_is_slave_at_login_reconnects_to_the_coordinator() {
 }
 
 #[tokio::test]
-async fn host_is_slave_with_an_ipv6_coordinator_is_bracketed() {
-    let state = PoolState::new();
-    let coordinator = match MockXapi::start_at("[::1]:0", JsonMode::V2, pool_handler(state)).await {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!(
-                "SKIPPED host_is_slave_with_an_ipv6_coordinator_is_bracketed: no IPv6 loopback ({e})"
-            );
-            return;
-        }
-    };
-    let port = coordinator.addr.port();
-    let member = member(&format!("127.0.0.1:{port}"), "::1")
-        .await
-        .expect("the IPv4 loopback port is free");
-    let session = connect(&member.url).await.unwrap();
-    assert_eq!(session.base_url().as_str(), format!("http://[::1]:{port}/"));
-    session.vm().get_all().await.unwrap();
-    assert_eq!(coordinator.count("VM.get_all"), 1);
-}
-
-#[tokio::test]
 async fn host_is_slave_after_a_failover_moves_the_session() {
+    let new = MockXapi::start(JsonMode::V2, pool_handler(PoolState::new())).await;
+    let new_address = format!("127.0.0.1:{}", new.addr.port());
     let old_state = PoolState::new();
     let old = MockXapi::start(JsonMode::V2, {
         let state = old_state.clone();
         let demoted = Arc::new(AtomicUsize::new(0));
+        let new_address = new_address.clone();
         move |r: &Received| {
             if r.method == "session.login_with_password" {
                 return state.login(r);
             }
             // After the first call, this host is no longer the coordinator.
             if demoted.fetch_add(1, Ordering::SeqCst) >= 1 {
-                return fail(&["HOST_IS_SLAVE", "127.0.0.3"]);
+                return fail(&["HOST_IS_SLAVE", &new_address]);
             }
             Reply::Ok(Value::Array(vec![]))
         }
     })
     .await;
-    let port = old.addr.port();
-    let new = MockXapi::start_at(
-        &format!("127.0.0.3:{port}"),
-        JsonMode::V2,
-        pool_handler(PoolState::new()),
-    )
-    .await
-    .expect("127.0.0.3 is a loopback address on Linux");
     let session = connect(&old.url).await.unwrap();
     assert!(session.vm().get_all().await.unwrap().is_empty());
     assert_eq!(session.vm().get_all().await.unwrap().len(), 1);
-    assert_eq!(session.base_url().host_str(), Some("127.0.0.3"));
+    assert_eq!(session.base_url().port(), Some(new.addr.port()));
     assert_eq!(
         new.methods(),
         vec!["session.login_with_password", "VM.get_all"]
@@ -324,14 +298,18 @@ async fn host_is_slave_after_a_failover_moves_the_session() {
 
 #[tokio::test]
 async fn host_is_slave_loops_end_with_a_clear_error() {
-    let a = MockXapi::start(JsonMode::V2, |_r: &Received| {
-        fail(&["HOST_IS_SLAVE", "127.0.0.4"])
+    // a says "ask b", b says "ask a": the client gives up with the chain.
+    let a_port = Arc::new(std::sync::atomic::AtomicU16::new(0));
+    let b = MockXapi::start(JsonMode::V2, {
+        let a_port = a_port.clone();
+        move |_r: &Received| {
+            let a = format!("127.0.0.1:{}", a_port.load(Ordering::SeqCst));
+            fail(&["HOST_IS_SLAVE", &a])
+        }
     })
     .await;
-    let port = a.addr.port();
-    let _b = member(&format!("127.0.0.4:{port}"), "127.0.0.1")
-        .await
-        .expect("127.0.0.4 is a loopback address on Linux");
+    let a = member(format!("127.0.0.1:{}", b.addr.port())).await;
+    a_port.store(a.addr.port(), Ordering::SeqCst);
     let err = connect(&a.url).await.unwrap_err();
     assert!(
         matches!(&err, Error::TooManyRedirects { chain } if chain.len() == 4),
@@ -706,4 +684,24 @@ async fn failed_transfer_tasks_carry_the_xapi_error() {
         .unwrap_err();
     assert!(err.is_code(&ErrorCode::VmBadPowerState));
     assert!(matches!(&err, Error::Xapi { method, .. } if method == "task export vm1"));
+}
+
+#[tokio::test]
+async fn tls_failures_show_their_cause() {
+    // reqwest says "error sending request" and nests the TLS cause (a pin
+    // mismatch, a plain-HTTP port…) several levels deep: the error shows the
+    // whole chain. Here the port speaks plain HTTP, so the handshake fails.
+    let state = PoolState::new();
+    let mock = MockXapi::start(JsonMode::V2, pool_handler(state)).await;
+    let https = format!("https://127.0.0.1:{}", mock.addr.port());
+    let pin: xenvault_xapi::tls::Fingerprint =
+        format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+    let err = Client::connect(&https, creds(), TlsPolicy::Pinned(pin))
+        .await
+        .unwrap_err();
+    let Error::Transport { detail, .. } = &err else {
+        panic!("expected a transport error, got {err}");
+    };
+    assert!(detail.contains("corrupt message"), "{detail}");
+    assert!(err.to_string().contains(detail.as_str()));
 }

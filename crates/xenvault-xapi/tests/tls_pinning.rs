@@ -163,6 +163,14 @@ async fn pinned_fingerprint_is_accepted_and_a_different_one_refused() {
         "{text}"
     );
 
+    // A set of pins accepts any of its members (pool hosts each have their own).
+    let any = TlsPolicy::PinnedAny(vec![wrong, good])
+        .client_config()
+        .unwrap();
+    handshake(any, server.port).await.unwrap();
+    let none = TlsPolicy::PinnedAny(vec![wrong]).client_config().unwrap();
+    assert!(handshake(none, server.port).await.is_err());
+
     // Plain verification refuses a self-signed certificate.
     if let Ok(config) = TlsPolicy::Verify.client_config() {
         assert!(handshake(config, server.port).await.is_err());

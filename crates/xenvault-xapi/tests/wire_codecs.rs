@@ -253,3 +253,25 @@ fn decode_errors_name_the_field() {
         "{text}"
     );
 }
+
+#[test]
+fn pbd_debug_hides_device_config_secrets() {
+    let v = Value::record([
+        ("uuid", Value::str("p")),
+        (
+            "device_config",
+            Value::record([
+                ("server", Value::str("nas")),
+                ("password", Value::str("hunter2")),
+                ("chappassword_secret", Value::str("OpaqueRef:s")),
+            ]),
+        ),
+    ]);
+    let pbd: xenvault_xapi::records::Pbd = from_value(&v).unwrap();
+    assert_eq!(pbd.device_config["password"], "hunter2");
+    let shown = format!("{pbd:?}");
+    assert!(
+        shown.contains("nas") && !shown.contains("hunter2") && !shown.contains("OpaqueRef:s"),
+        "{shown}"
+    );
+}

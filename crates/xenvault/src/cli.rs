@@ -22,11 +22,15 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run xenvault's main job against a built-in simulated pool, then check the result.
-    #[command(after_help = "Examples:\n  xenvault demo\n  xenvault demo --vms 4 --disk-size 32M\n  xenvault demo --keep /tmp/demo   # keep the simulator's state and the files")]
+    #[command(
+        after_help = "Examples:\n  xenvault demo\n  xenvault demo --vms 4 --disk-size 32M\n  xenvault demo --keep /tmp/demo   # keep the simulator's state and the files"
+    )]
     Demo(DemoArgs),
 
     /// Show a pool's TLS certificate fingerprint, to pin it.
-    #[command(after_help = "Examples:\n  xenvault trust https://pool.example.com\n  xenvault trust https://10.0.0.5:443 --json")]
+    #[command(
+        after_help = "Examples:\n  xenvault trust https://pool.example.com\n  xenvault trust https://10.0.0.5:443 --json"
+    )]
     Trust(TrustArgs),
 }
 

@@ -165,7 +165,8 @@ fn print_summary(report: &DemoReport) {
             mib(vm.nbd_bytes),
             vm.seconds,
             match &vm.error {
-                None => "ok: XVA = raw disk; CBT = written blocks; NBD delta = new disk".to_string(),
+                None =>
+                    "ok: XVA = raw disk; CBT = written blocks; NBD delta = new disk".to_string(),
                 Some(e) => format!("FAILED: {e}"),
             }
         );

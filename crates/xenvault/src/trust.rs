@@ -20,11 +20,17 @@ pub async fn run(args: TrustArgs, json: bool) -> anyhow::Result<ExitCode> {
             serde_json::json!({ "address": host_port, "fingerprint": presented.fingerprint.to_string() })
         );
     } else {
-        println!("{host_port} presents the certificate {}", presented.fingerprint);
+        println!(
+            "{host_port} presents the certificate {}",
+            presented.fingerprint
+        );
         println!(
             "Check it on the pool coordinator (`openssl x509 -in /etc/xensource/xapi-ssl.pem -noout -fingerprint -sha256`),"
         );
-        println!("then pin it in the pool's configuration: fingerprint = \"{}\"", presented.fingerprint);
+        println!(
+            "then pin it in the pool's configuration: fingerprint = \"{}\"",
+            presented.fingerprint
+        );
     }
     Ok(ExitCode::Success)
 }
@@ -65,10 +71,19 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(host_port_of("https://pool.example/").unwrap(), "pool.example:443");
-        assert_eq!(host_port_of("https://10.0.0.5:8443").unwrap(), "10.0.0.5:8443");
+        assert_eq!(
+            host_port_of("https://pool.example/").unwrap(),
+            "pool.example:443"
+        );
+        assert_eq!(
+            host_port_of("https://10.0.0.5:8443").unwrap(),
+            "10.0.0.5:8443"
+        );
         assert_eq!(host_port_of("pool").unwrap(), "pool:443");
-        assert_eq!(host_port_of("https://[fe80::1]:443").unwrap(), "[fe80::1]:443");
+        assert_eq!(
+            host_port_of("https://[fe80::1]:443").unwrap(),
+            "[fe80::1]:443"
+        );
         assert_eq!(host_port_of("fe80::1").unwrap(), "[fe80::1]:443");
         assert!(host_port_of("http://pool").is_err());
         assert!(host_port_of("https://").is_err());

@@ -75,7 +75,10 @@ fn event_value(e: &DbEvent) -> Value {
     let mut m = vec![
         ("id".to_string(), Value::str(e.generation.to_string())),
         ("timestamp".to_string(), Value::str("0.0")),
-        ("class".to_string(), Value::str(e.class.to_ascii_lowercase())),
+        (
+            "class".to_string(),
+            Value::str(e.class.to_ascii_lowercase()),
+        ),
         ("operation".to_string(), Value::str(e.op)),
         ("ref".to_string(), Value::str(e.r.clone())),
     ];
@@ -89,7 +92,11 @@ fn event_value(e: &DbEvent) -> Value {
 pub async fn from(pool: &Arc<Pool>, session: &str, args: &[Value]) -> ApiResult<Value> {
     let classes = super::arg_strs(args, 0);
     let since = parse_token(&arg_str(args, 1))?;
-    let timeout = args.get(2).and_then(|v| v.as_f64().ok()).unwrap_or(0.0).clamp(0.0, 86_400.0);
+    let timeout = args
+        .get(2)
+        .and_then(|v| v.as_f64().ok())
+        .unwrap_or(0.0)
+        .clamp(0.0, 86_400.0);
     let subs = parse_subs(pool, &classes)?;
     let wanted = |class: &str, r: &str| {
         subs.iter().any(|s| match s {
@@ -119,7 +126,10 @@ pub async fn from(pool: &Arc<Pool>, session: &str, args: &[Value]) -> ApiResult<
                 }
             }
             return Ok(Value::record([
-                ("events", Value::Array(events.iter().map(event_value).collect())),
+                (
+                    "events",
+                    Value::Array(events.iter().map(event_value).collect()),
+                ),
                 ("valid_ref_counts", Value::Struct(counts)),
                 ("token", Value::str(token(generation))),
             ]));
@@ -159,6 +169,9 @@ mod tests {
         assert_eq!(token(5), "00000000000000000005,00000000000000000000");
         assert_eq!(parse_token(&token(77)).unwrap(), 77);
         assert_eq!(parse_token("").unwrap(), 0);
-        assert_eq!(parse_token("zz").unwrap_err().code, "EVENT_FROM_TOKEN_PARSE_FAILURE");
+        assert_eq!(
+            parse_token("zz").unwrap_err().code,
+            "EVENT_FROM_TOKEN_PARSE_FAILURE"
+        );
     }
 }

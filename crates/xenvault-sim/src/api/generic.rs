@@ -18,11 +18,19 @@ pub fn call(ctx: &Ctx<'_>, class: &str, msg: &str, args: &[Value]) -> ApiResult<
     let pool = ctx.pool;
     let dm = pool.dm;
     let Some(c) = dm.class(class) else {
-        return Err(ApiError::new("MESSAGE_METHOD_UNKNOWN", [format!("{class}.{msg}")]));
+        return Err(ApiError::new(
+            "MESSAGE_METHOD_UNKNOWN",
+            [format!("{class}.{msg}")],
+        ));
     };
     match msg {
         "get_record" => return pool.db().record_value(class, &arg_str(args, 0)),
-        "get_by_uuid" => return pool.db().by_uuid(class, &arg_str(args, 0)).map(Value::String),
+        "get_by_uuid" => {
+            return pool
+                .db()
+                .by_uuid(class, &arg_str(args, 0))
+                .map(Value::String);
+        }
         "get_by_name_label" => {
             let label = arg_str(args, 0);
             let db = pool.db();
@@ -33,7 +41,15 @@ pub fn call(ctx: &Ctx<'_>, class: &str, msg: &str, args: &[Value]) -> ApiResult<
                     .collect(),
             ));
         }
-        "get_all" => return Ok(Value::Array(pool.db().all(class).into_iter().map(Value::String).collect())),
+        "get_all" => {
+            return Ok(Value::Array(
+                pool.db()
+                    .all(class)
+                    .into_iter()
+                    .map(Value::String)
+                    .collect(),
+            ));
+        }
         "get_all_records" => {
             let db = pool.db();
             let mut out = Vec::new();

@@ -17,16 +17,20 @@ pub fn lookup(class: &str, msg: &str) -> Option<Impl> {
         ("network", "remove_purpose") => remove_purpose,
         ("message", "create") => message_create,
         ("message", "get_since") => message_get_since,
-        ("message", "get_all_records") => |ctx, _| message_get_since(ctx, &[Value::DateTime("19700101T00:00:00Z".into())]),
+        ("message", "get_all_records") => {
+            |ctx, _| message_get_since(ctx, &[Value::DateTime("19700101T00:00:00Z".into())])
+        }
         ("message", "get") => |ctx, args| {
             // get(cls, obj_uuid, since)
             let uuid = arg_str(args, 1);
-            let all = message_get_since(ctx, &args[2..])?;
+            let all = message_get_since(ctx, args.get(2..).unwrap_or(&[]))?;
             Ok(Value::Struct(
                 all.as_struct()
                     .unwrap_or(&[])
                     .iter()
-                    .filter(|(_, r)| r.get("obj_uuid").and_then(|v| v.as_str().ok()) == Some(uuid.as_str()))
+                    .filter(|(_, r)| {
+                        r.get("obj_uuid").and_then(|v| v.as_str().ok()) == Some(uuid.as_str())
+                    })
                     .cloned()
                     .collect(),
             ))
@@ -36,13 +40,25 @@ pub fn lookup(class: &str, msg: &str) -> Option<Impl> {
             Ok(void())
         },
         ("pool", "sync_database") => |_, _| Ok(void()),
-        ("host", "get_server_certificate") => |ctx, _| Ok(Value::str(ctx.pool.tls.cert_pem.clone())),
+        ("host", "get_server_certificate") => {
+            |ctx, _| Ok(Value::str(ctx.pool.tls.cert_pem.clone()))
+        }
         ("VIF", "plug") => |ctx, args| {
-            ctx.pool.db().set("VIF", &arg_str(args, 0), "currently_attached", Value::Bool(true))?;
+            ctx.pool.db().set(
+                "VIF",
+                &arg_str(args, 0),
+                "currently_attached",
+                Value::Bool(true),
+            )?;
             Ok(void())
         },
         ("VIF", "unplug") | ("VIF", "unplug_force") => |ctx, args| {
-            ctx.pool.db().set("VIF", &arg_str(args, 0), "currently_attached", Value::Bool(false))?;
+            ctx.pool.db().set(
+                "VIF",
+                &arg_str(args, 0),
+                "currently_attached",
+                Value::Bool(false),
+            )?;
             Ok(void())
         },
         _ => return None,
@@ -55,11 +71,20 @@ fn add_purpose(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     db.get("network", &net)?;
     // xen-api ocaml/xapi/xapi_network.ml: nbd and insecure_nbd exclude each
     // other across the pool.
-    let other = if purpose == "nbd" { "insecure_nbd" } else { "nbd" };
+    let other = if purpose == "nbd" {
+        "insecure_nbd"
+    } else {
+        "nbd"
+    };
     if purpose == "nbd" || purpose == "insecure_nbd" {
-        let clash = db.rows("network").any(|(_, n)| n.strs_of("purpose").iter().any(|p| p == other));
+        let clash = db
+            .rows("network")
+            .any(|(_, n)| n.strs_of("purpose").iter().any(|p| p == other));
         if clash {
-            return Err(ApiError::new("NETWORK_INCOMPATIBLE_PURPOSES", [purpose.as_str(), other]));
+            return Err(ApiError::new(
+                "NETWORK_INCOMPATIBLE_PURPOSES",
+                [purpose.as_str(), other],
+            ));
         }
     }
     db.update("network", &net, |r| {
@@ -83,8 +108,13 @@ fn remove_purpose(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
 }
 
 fn message_create(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
-    let (name, priority, cls, obj_uuid, body) =
-        (arg_str(args, 0), arg_int(args, 1), arg_str(args, 2), arg_str(args, 3), arg_str(args, 4));
+    let (name, priority, cls, obj_uuid, body) = (
+        arg_str(args, 0),
+        arg_int(args, 1),
+        arg_str(args, 2),
+        arg_str(args, 3),
+        arg_str(args, 4),
+    );
     let mut db = ctx.pool.db();
     let r = db.create(
         "message",
@@ -110,7 +140,9 @@ fn message_get_since(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     let db = ctx.pool.db();
     let mut out = Vec::new();
     for (r, rec) in db.rows("message") {
-        let t = parse_datetime(rec.str_of("timestamp")).map(|t| t.unix_timestamp()).unwrap_or(0);
+        let t = parse_datetime(rec.str_of("timestamp"))
+            .map(|t| t.unix_timestamp())
+            .unwrap_or(0);
         if t >= since {
             out.push((r.clone(), db.record_value("message", r)?));
         }

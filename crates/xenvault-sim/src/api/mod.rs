@@ -66,7 +66,8 @@ const HIDDEN_GENERIC: &[&str] = &["get_all_records_where", "get_all_where"];
 
 fn message_known(dm: &Datamodel, class: &str, msg: &str) -> bool {
     dm.class(class).is_some_and(|c| {
-        c.messages.contains_key(msg) || (HIDDEN_GENERIC.contains(&msg) && c.messages.contains_key("get_all"))
+        c.messages.contains_key(msg)
+            || (HIDDEN_GENERIC.contains(&msg) && c.messages.contains_key("get_all"))
     })
 }
 
@@ -85,7 +86,9 @@ fn resolve(dm: &Datamodel, wire: &str) -> Option<Resolved> {
     // `Class_method`, xen-api ocaml/idl/datamodel_utils.ml `alternative_wire_name`.
     let mut best: Option<Resolved> = None;
     for class in dm.classes.keys() {
-        if let Some(msg) = name.strip_prefix(class.as_str()).and_then(|r| r.strip_prefix('_'))
+        if let Some(msg) = name
+            .strip_prefix(class.as_str())
+            .and_then(|r| r.strip_prefix('_'))
             && message_known(dm, class, msg)
             && best.as_ref().is_none_or(|b| b.class.len() < class.len())
         {
@@ -145,7 +148,12 @@ fn async_allowed(class: &str, msg: &str, implicit: bool) -> bool {
 }
 
 /// Runs one call as received on the wire.
-pub async fn dispatch(pool: &Arc<Pool>, site: &CallSite, wire: &str, params: Vec<Value>) -> ApiResult<Value> {
+pub async fn dispatch(
+    pool: &Arc<Pool>,
+    site: &CallSite,
+    wire: &str,
+    params: Vec<Value>,
+) -> ApiResult<Value> {
     let dm = pool.dm;
     let Some(res) = resolve(dm, wire) else {
         return Err(ApiError::new("MESSAGE_METHOD_UNKNOWN", [wire]));
@@ -160,12 +168,22 @@ pub async fn dispatch(pool: &Arc<Pool>, site: &CallSite, wire: &str, params: Vec
     if params.len() < min || params.len() > sig.len() {
         return Err(ApiError::new(
             "MESSAGE_PARAMETER_COUNT_MISMATCH",
-            [full.clone(), sig.len().to_string(), params.len().to_string()],
+            [
+                full.clone(),
+                sig.len().to_string(),
+                params.len().to_string(),
+            ],
         ));
     }
-    let has_session = sig.first().is_some_and(|p| p.ty == Type::Ref("session".into()));
+    let has_session = sig
+        .first()
+        .is_some_and(|p| p.ty == Type::Ref("session".into()));
     let session = if has_session {
-        let s = params.first().and_then(|v| v.as_str().ok()).unwrap_or_default().to_string();
+        let s = params
+            .first()
+            .and_then(|v| v.as_str().ok())
+            .unwrap_or_default()
+            .to_string();
         pool.check_session(&s)?;
         s
     } else {
@@ -207,11 +225,15 @@ pub async fn dispatch(pool: &Arc<Pool>, site: &CallSite, wire: &str, params: Vec
         tokio::spawn(async move {
             let p = pool2.clone();
             let t = task2.clone();
-            let out = tokio::task::spawn_blocking(move || run(&p, &site2, &res, session, Some(t), &args)).await;
+            let out =
+                tokio::task::spawn_blocking(move || run(&p, &site2, &res, session, Some(t), &args))
+                    .await;
             match out {
                 Ok(Ok(v)) => pool2.task_complete(&task2, &v.to_xml()),
                 Ok(Err(e)) => pool2.task_fail(&task2, &e),
-                Err(e) => pool2.task_fail(&task2, &ApiError::internal(format!("task panicked: {e}"))),
+                Err(e) => {
+                    pool2.task_fail(&task2, &ApiError::internal(format!("task panicked: {e}")))
+                }
             }
             pool2.task_disown(&task2);
         });
@@ -219,7 +241,8 @@ pub async fn dispatch(pool: &Arc<Pool>, site: &CallSite, wire: &str, params: Vec
     }
     let pool2 = pool.clone();
     let site2 = site.clone();
-    match tokio::task::spawn_blocking(move || run(&pool2, &site2, &res, session, None, &args)).await {
+    match tokio::task::spawn_blocking(move || run(&pool2, &site2, &res, session, None, &args)).await
+    {
         Ok(r) => r,
         Err(e) => Err(ApiError::internal(format!("call panicked: {e}"))),
     }
@@ -261,7 +284,10 @@ fn explicit(class: &str, msg: &str) -> Option<Impl> {
 
 /// Reads argument `i` as a string (already coerced).
 pub fn arg_str(args: &[Value], i: usize) -> String {
-    args.get(i).and_then(|v| v.as_str().ok()).unwrap_or_default().to_string()
+    args.get(i)
+        .and_then(|v| v.as_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Reads argument `i` as a bool.
@@ -277,7 +303,10 @@ pub fn arg_int(args: &[Value], i: usize) -> i64 {
 /// Reads argument `i` as a list of strings.
 pub fn arg_strs(args: &[Value], i: usize) -> Vec<String> {
     match args.get(i) {
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().ok().map(str::to_string)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().ok().map(str::to_string))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -297,7 +326,10 @@ mod tests {
     fn names_resolve_in_all_spellings() {
         let dm = datamodel();
         let r = resolve(dm, "VM.get_record").unwrap();
-        assert_eq!((r.class.as_str(), r.msg.as_str(), r.is_async), ("VM", "get_record", false));
+        assert_eq!(
+            (r.class.as_str(), r.msg.as_str(), r.is_async),
+            ("VM", "get_record", false)
+        );
         let r = resolve(dm, "Async.VM.clone").unwrap();
         assert!(r.is_async);
         let r = resolve(dm, "VM_metrics_get_record").unwrap();

@@ -26,9 +26,16 @@ fn login_with_password(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
 fn slave_local_login(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     let (user, pw) = (arg_str(args, 0), arg_str(args, 1));
     if user != ctx.pool.config.user || pw != ctx.pool.config.password {
-        return Err(ApiError::new("SESSION_AUTHENTICATION_FAILED", [user.as_str(), "Authentication failure"]));
+        return Err(ApiError::new(
+            "SESSION_AUTHENTICATION_FAILED",
+            [user.as_str(), "Authentication failure"],
+        ));
     }
-    Ok(Value::String(ctx.pool.new_session(&user, "", &ctx.site.host)))
+    Ok(Value::String(ctx.pool.new_session(
+        &user,
+        "",
+        &ctx.site.host,
+    )))
 }
 
 fn logout(ctx: &Ctx<'_>, _args: &[Value]) -> ApiResult<Value> {

@@ -27,9 +27,12 @@ fn scan(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
 }
 
 fn set_attached(ctx: &Ctx<'_>, args: &[Value], on: bool) -> ApiResult<Value> {
-    ctx.pool
-        .db()
-        .set("PBD", &arg_str(args, 0), "currently_attached", Value::Bool(on))?;
+    ctx.pool.db().set(
+        "PBD",
+        &arg_str(args, 0),
+        "currently_attached",
+        Value::Bool(on),
+    )?;
     Ok(void())
 }
 
@@ -66,15 +69,18 @@ pub fn refresh_all(pool: &Pool) {
     }
 }
 
-/// `SR_FULL [requested, maximum]` if `needed` more bytes do not fit on the SR
-/// (or the `sr_full` fault is on).
+/// `SR_FULL [requested, maximum]` if `needed` more bytes do not fit on the SR,
+/// or nothing fits any more, or the `sr_full` fault is on.
 pub fn check_space(pool: &Pool, db: &Db, sr: &str, needed: u64) -> ApiResult<()> {
     let rec = db.get("SR", sr)?;
     let size = rec.int_of("physical_size").max(0) as u64;
     let used = pool.disks.sr_physical_utilisation(rec.str_of("uuid"));
     let free = size.saturating_sub(used);
-    if pool.faults.sr_full() || (size > 0 && needed > free) {
-        return Err(ApiError::new("SR_FULL", [needed.max(1).to_string(), free.to_string()]));
+    if pool.faults.sr_full() || (size > 0 && (needed > free || free == 0)) {
+        return Err(ApiError::new(
+            "SR_FULL",
+            [needed.max(1).to_string(), free.to_string()],
+        ));
     }
     Ok(())
 }

@@ -31,13 +31,20 @@ fn cancel(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     let t = arg_str(args, 0);
     let status = ctx.pool.db().get("task", &t)?.str_of("status").to_string();
     if status != "pending" {
-        return Err(ApiError::not_allowed(format!("task {t} is {status}, not pending")));
+        return Err(ApiError::not_allowed(format!(
+            "task {t} is {status}, not pending"
+        )));
     }
     if ctx.pool.task_is_owned(&t) {
-        ctx.pool.db().set("task", &t, "status", Value::str("cancelling"))?;
+        ctx.pool
+            .db()
+            .set("task", &t, "status", Value::str("cancelling"))?;
     } else {
-        ctx.pool.db().set("task", &t, "status", Value::str("cancelling"))?;
-        ctx.pool.task_fail(&t, &ApiError::new("TASK_CANCELLED", [t.as_str()]));
+        ctx.pool
+            .db()
+            .set("task", &t, "status", Value::str("cancelling"))?;
+        ctx.pool
+            .task_fail(&t, &ApiError::new("TASK_CANCELLED", [t.as_str()]));
     }
     Ok(void())
 }

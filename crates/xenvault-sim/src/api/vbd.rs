@@ -24,7 +24,11 @@ pub fn free_userdevice(db: &Db, vm: &str) -> ApiResult<String> {
         .get("VM", vm)?
         .strs_of("VBDs")
         .iter()
-        .filter_map(|b| db.get("VBD", b).ok().map(|r| r.str_of("userdevice").to_string()))
+        .filter_map(|b| {
+            db.get("VBD", b)
+                .ok()
+                .map(|r| r.str_of("userdevice").to_string())
+        })
         .collect();
     Ok((0..)
         .map(|i: u32| i.to_string())
@@ -33,8 +37,18 @@ pub fn free_userdevice(db: &Db, vm: &str) -> ApiResult<String> {
 }
 
 fn create(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
-    let rec = args.first().and_then(|v| v.as_struct().ok()).unwrap_or(&[]).to_vec();
-    let get = |k: &str| rec.iter().find(|(f, _)| f == k).and_then(|(_, v)| v.as_str().ok()).unwrap_or("").to_string();
+    let rec = args
+        .first()
+        .and_then(|v| v.as_struct().ok())
+        .unwrap_or(&[])
+        .to_vec();
+    let get = |k: &str| {
+        rec.iter()
+            .find(|(f, _)| f == k)
+            .and_then(|(_, v)| v.as_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     let vm = get("VM");
     let vdi = get("VDI");
     let mut db = ctx.pool.db();
@@ -42,24 +56,35 @@ fn create(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     if vdi != NULL_REF && !vdi.is_empty() {
         let t = db.get("VDI", &vdi)?.str_of("type").to_string();
         if t == "cbt_metadata" {
-            return Err(ApiError::new("VDI_INCOMPATIBLE_TYPE", [vdi.as_str(), "cbt_metadata"]));
+            return Err(ApiError::new(
+                "VDI_INCOMPATIBLE_TYPE",
+                [vdi.as_str(), "cbt_metadata"],
+            ));
         }
     }
     let mut userdevice = get("userdevice");
     if userdevice.is_empty() || userdevice == "autodetect" {
         userdevice = free_userdevice(&db, &vm)?;
     } else {
-        let taken = vm_rec
-            .strs_of("VBDs")
-            .iter()
-            .any(|b| db.get("VBD", b).is_ok_and(|r| r.str_of("userdevice") == userdevice));
+        let taken = vm_rec.strs_of("VBDs").iter().any(|b| {
+            db.get("VBD", b)
+                .is_ok_and(|r| r.str_of("userdevice") == userdevice)
+        });
         if taken {
-            return Err(ApiError::new("DEVICE_ALREADY_EXISTS", [userdevice.as_str()]));
+            return Err(ApiError::new(
+                "DEVICE_ALREADY_EXISTS",
+                [userdevice.as_str()],
+            ));
         }
     }
     let mut fields: Vec<(String, Value)> = rec
         .into_iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "uuid" | "currently_attached" | "userdevice" | "device"))
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "uuid" | "currently_attached" | "userdevice" | "device"
+            )
+        })
         .collect();
     fields.push(("userdevice".into(), Value::str(userdevice)));
     fields.push(("currently_attached".into(), Value::Bool(false)));
@@ -73,9 +98,13 @@ fn destroy(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     let rec = db.get("VBD", &vbd)?;
     if rec.bool_of("currently_attached") {
         let vm = rec.str_of("VM").to_string();
-        let running = db.get("VM", &vm).is_ok_and(|v| v.str_of("power_state") == "Running");
+        let running = db
+            .get("VM", &vm)
+            .is_ok_and(|v| v.str_of("power_state") == "Running");
         if running {
-            return Err(ApiError::not_allowed("VBD is currently attached; unplug it first"));
+            return Err(ApiError::not_allowed(
+                "VBD is currently attached; unplug it first",
+            ));
         }
     }
     db.destroy("VBD", &vbd)?;
@@ -92,7 +121,10 @@ fn plug(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     let vm = rec.str_of("VM").to_string();
     let ps = db.get("VM", &vm)?.str_of("power_state").to_string();
     if ps != "Running" {
-        return Err(ApiError::new("VM_BAD_POWER_STATE", [vm, "running".into(), ps.to_ascii_lowercase()]));
+        return Err(ApiError::new(
+            "VM_BAD_POWER_STATE",
+            [vm, "running".into(), ps.to_ascii_lowercase()],
+        ));
     }
     db.set("VBD", &vbd, "currently_attached", Value::Bool(true))?;
     Ok(void())

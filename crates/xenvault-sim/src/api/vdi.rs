@@ -43,7 +43,10 @@ pub fn round_size(size: u64) -> u64 {
 
 fn incompatible_if_cbt_metadata(db: &Db, vdi: &str) -> ApiResult<()> {
     if db.get("VDI", vdi)?.str_of("type") == "cbt_metadata" {
-        return Err(ApiError::new("VDI_INCOMPATIBLE_TYPE", [vdi, "cbt_metadata"]));
+        return Err(ApiError::new(
+            "VDI_INCOMPATIBLE_TYPE",
+            [vdi, "cbt_metadata"],
+        ));
     }
     Ok(())
 }
@@ -52,22 +55,42 @@ fn incompatible_if_cbt_metadata(db: &Db, vdi: &str) -> ApiResult<()> {
 /// and `virtual_size` are required.
 pub fn create_vdi(pool: &Pool, db: &mut Db, fields: Vec<(String, Value)>) -> ApiResult<String> {
     let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
-    let sr = get("SR").and_then(|v| v.as_str().ok().map(str::to_string)).unwrap_or_default();
+    let sr = get("SR")
+        .and_then(|v| v.as_str().ok().map(str::to_string))
+        .unwrap_or_default();
     let sr_uuid = db.get("SR", &sr)?.str_of("uuid").to_string();
-    if get("type").and_then(|v| v.as_str().ok().map(str::to_string)).as_deref() == Some("cbt_metadata") {
-        return Err(ApiError::new("VDI_INCOMPATIBLE_TYPE", [NULL_REF, "cbt_metadata"]));
+    if get("type")
+        .and_then(|v| v.as_str().ok().map(str::to_string))
+        .as_deref()
+        == Some("cbt_metadata")
+    {
+        return Err(ApiError::new(
+            "VDI_INCOMPATIBLE_TYPE",
+            [NULL_REF, "cbt_metadata"],
+        ));
     }
-    let size = get("virtual_size").and_then(|v| v.as_i64().ok()).unwrap_or(0);
+    let size = get("virtual_size")
+        .and_then(|v| v.as_i64().ok())
+        .unwrap_or(0);
     if size < 0 {
-        return Err(ApiError::new("INVALID_VALUE", ["virtual_size".to_string(), size.to_string()]));
+        return Err(ApiError::new(
+            "INVALID_VALUE",
+            ["virtual_size".to_string(), size.to_string()],
+        ));
     }
     let size = round_size(size as u64);
-    check_space(pool, db, &sr, 0)?;
+    // A new disk must fit in the free space (xapi-sim treats creation as thick).
+    check_space(pool, db, &sr, size)?;
     let uuid = uuid::Uuid::new_v4().to_string();
     pool.disks.create(&uuid, &sr_uuid, size).map_err(disk_err)?;
     let mut all: Vec<(String, Value)> = fields
         .into_iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "uuid" | "virtual_size" | "location" | "VBDs" | "snapshots"))
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "uuid" | "virtual_size" | "location" | "VBDs" | "snapshots"
+            )
+        })
         .collect();
     all.push(("uuid".into(), Value::str(uuid.clone())));
     all.push(("virtual_size".into(), Value::Int(size as i64)));
@@ -79,7 +102,11 @@ pub fn create_vdi(pool: &Pool, db: &mut Db, fields: Vec<(String, Value)>) -> Api
 }
 
 fn create(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
-    let rec = args.first().and_then(|v| v.as_struct().ok()).unwrap_or(&[]).to_vec();
+    let rec = args
+        .first()
+        .and_then(|v| v.as_struct().ok())
+        .unwrap_or(&[])
+        .to_vec();
     let mut db = ctx.pool.db();
     create_vdi(ctx.pool, &mut db, rec).map(Value::String)
 }
@@ -108,7 +135,13 @@ enum CopyKind {
     Copy,
 }
 
-fn derive_vdi(pool: &Pool, db: &mut Db, vdi: &str, kind: CopyKind, target_sr: Option<&str>) -> ApiResult<String> {
+fn derive_vdi(
+    pool: &Pool,
+    db: &mut Db,
+    vdi: &str,
+    kind: CopyKind,
+    target_sr: Option<&str>,
+) -> ApiResult<String> {
     incompatible_if_cbt_metadata(db, vdi)?;
     let src = db.get("VDI", vdi)?.clone();
     if kind == CopyKind::Snapshot {
@@ -116,14 +149,21 @@ fn derive_vdi(pool: &Pool, db: &mut Db, vdi: &str, kind: CopyKind, target_sr: Op
             return Err(ApiError::new("VDI_IS_SHARABLE", [vdi]));
         }
         if src.str_of("on_boot") == "reset" {
-            return Err(ApiError::new("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION", Vec::<String>::new()));
+            return Err(ApiError::new(
+                "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION",
+                Vec::<String>::new(),
+            ));
         }
     }
     let sr = target_sr.unwrap_or(src.str_of("SR")).to_string();
     let sr_uuid = db.get("SR", &sr)?.str_of("uuid").to_string();
     let src_uuid = src.str_of("uuid").to_string();
     let needed = match kind {
-        CopyKind::Copy => pool.disks.info(&src_uuid).map(|i| i.physical_utilisation).unwrap_or(0),
+        CopyKind::Copy => pool
+            .disks
+            .info(&src_uuid)
+            .map(|i| i.physical_utilisation)
+            .unwrap_or(0),
         _ => 0,
     };
     check_space(pool, db, &sr, needed)?;
@@ -207,7 +247,10 @@ fn attached_vbds(db: &Db, vdi: &str) -> ApiResult<Vec<String>> {
         .get("VDI", vdi)?
         .strs_of("VBDs")
         .into_iter()
-        .filter(|b| db.get("VBD", b).is_ok_and(|r| r.bool_of("currently_attached")))
+        .filter(|b| {
+            db.get("VBD", b)
+                .is_ok_and(|r| r.bool_of("currently_attached"))
+        })
         .collect())
 }
 
@@ -271,7 +314,10 @@ fn data_destroy(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     }
     let mut db = ctx.pool.db();
     let rec = db.get("VDI", &vdi)?.clone();
-    ctx.pool.disks.data_destroy(rec.str_of("uuid")).map_err(disk_err)?;
+    ctx.pool
+        .disks
+        .data_destroy(rec.str_of("uuid"))
+        .map_err(disk_err)?;
     db.update("VDI", &vdi, |r| {
         r.insert("type".into(), Value::str("cbt_metadata"));
         r.insert("physical_utilisation".into(), Value::Int(0));
@@ -293,7 +339,10 @@ fn set_cbt(ctx: &Ctx<'_>, args: &[Value], on: bool) -> ApiResult<Value> {
             return Err(ApiError::new("VDI_INCOMPATIBLE_TYPE", [vdi.as_str(), ty]));
         }
         if rec.str_of("on_boot") == "reset" {
-            return Err(ApiError::new("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION", Vec::<String>::new()));
+            return Err(ApiError::new(
+                "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION",
+                Vec::<String>::new(),
+            ));
         }
     }
     let uuid = rec.str_of("uuid");
@@ -319,14 +368,23 @@ fn list_changed_blocks(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
             let Ok(b) = db.get("VBD", &vbd) else { continue };
             let vm = b.str_of("VM");
             if b.bool_of("currently_attached")
-                && db.get("VM", vm).is_ok_and(|v| !v.bool_of("is_a_snapshot") && !v.bool_of("is_control_domain"))
+                && db
+                    .get("VM", vm)
+                    .is_ok_and(|v| !v.bool_of("is_a_snapshot") && !v.bool_of("is_control_domain"))
             {
-                return Err(ApiError::new("VDI_IN_USE", [to.as_str(), "list_changed_blocks"]));
+                return Err(ApiError::new(
+                    "VDI_IN_USE",
+                    [to.as_str(), "list_changed_blocks"],
+                ));
             }
         }
         (f, t)
     };
-    let bitmap = ctx.pool.disks.list_changed_blocks(&from_uuid, &to_uuid).map_err(disk_err)?;
+    let bitmap = ctx
+        .pool
+        .disks
+        .list_changed_blocks(&from_uuid, &to_uuid)
+        .map_err(disk_err)?;
     Ok(Value::String(
         base64::engine::general_purpose::STANDARD.encode(bitmap.to_msb_first_bytes()),
     ))
@@ -360,7 +418,9 @@ fn get_nbd_info(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
             continue;
         }
         let host = p.str_of("host").to_string();
-        let Ok(h) = db.get("host", &host) else { continue };
+        let Ok(h) = db.get("host", &host) else {
+            continue;
+        };
         let on_nbd_network = h
             .strs_of("PIFs")
             .iter()
@@ -369,9 +429,14 @@ fn get_nbd_info(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
         if !on_nbd_network {
             continue;
         }
-        let Some(ep) = ctx.pool.endpoint(&host) else { continue };
+        let Some(ep) = ctx.pool.endpoint(&host) else {
+            continue;
+        };
         out.push(Value::record([
-            ("exportname", Value::str(format!("/{uuid}?session_id={}", ctx.session))),
+            (
+                "exportname",
+                Value::str(format!("/{uuid}?session_id={}", ctx.session)),
+            ),
             ("address", Value::str(ep.nbd.ip().to_string())),
             ("port", Value::Int(i64::from(ep.nbd.port()))),
             ("cert", Value::str(ctx.pool.tls.cert_pem.clone())),

@@ -19,14 +19,32 @@ pub fn lookup(msg: &str) -> Option<Impl> {
         "clone" => clone,
         "copy" => copy,
         "destroy" => destroy,
+        "revert" => revert,
         "start" => |ctx, args| start(ctx, &arg_str(args, 0), None, super::arg_bool(args, 1)),
-        "start_on" => |ctx, args| start(ctx, &arg_str(args, 0), Some(arg_str(args, 1)), super::arg_bool(args, 2)),
-        "clean_shutdown" | "shutdown" => |ctx, args| power(ctx, args, "clean_shutdown", &["Running"], "Halted"),
-        "hard_shutdown" => {
-            |ctx, args| power(ctx, args, "hard_shutdown", &["Running", "Paused", "Suspended"], "Halted")
+        "start_on" => |ctx, args| {
+            start(
+                ctx,
+                &arg_str(args, 0),
+                Some(arg_str(args, 1)),
+                super::arg_bool(args, 2),
+            )
+        },
+        "clean_shutdown" | "shutdown" => {
+            |ctx, args| power(ctx, args, "clean_shutdown", &["Running"], "Halted")
         }
+        "hard_shutdown" => |ctx, args| {
+            power(
+                ctx,
+                args,
+                "hard_shutdown",
+                &["Running", "Paused", "Suspended"],
+                "Halted",
+            )
+        },
         "clean_reboot" => |ctx, args| power(ctx, args, "clean_reboot", &["Running"], "Running"),
-        "hard_reboot" => |ctx, args| power(ctx, args, "hard_reboot", &["Running", "Paused"], "Running"),
+        "hard_reboot" => {
+            |ctx, args| power(ctx, args, "hard_reboot", &["Running", "Paused"], "Running")
+        }
         "suspend" => |ctx, args| power(ctx, args, "suspend", &["Running"], "Suspended"),
         "resume" | "resume_on" => |ctx, args| power(ctx, args, "resume", &["Suspended"], "Running"),
         "pause" => |ctx, args| power(ctx, args, "pause", &["Running"], "Paused"),
@@ -54,10 +72,18 @@ pub fn lookup(msg: &str) -> Option<Impl> {
                 .get("VM", &vm)?
                 .strs_of("VBDs")
                 .iter()
-                .filter_map(|b| db.get("VBD", b).ok().map(|r| r.str_of("userdevice").to_string()))
+                .filter_map(|b| {
+                    db.get("VBD", b)
+                        .ok()
+                        .map(|r| r.str_of("userdevice").to_string())
+                })
                 .collect();
             Ok(Value::Array(
-                (0..16).map(|i: u32| i.to_string()).filter(|d| !used.contains(d)).map(Value::String).collect(),
+                (0..16)
+                    .map(|i: u32| i.to_string())
+                    .filter(|d| !used.contains(d))
+                    .map(Value::String)
+                    .collect(),
             ))
         },
         "get_allowed_VIF_devices" => |ctx, args| {
@@ -67,10 +93,18 @@ pub fn lookup(msg: &str) -> Option<Impl> {
                 .get("VM", &vm)?
                 .strs_of("VIFs")
                 .iter()
-                .filter_map(|b| db.get("VIF", b).ok().map(|r| r.str_of("device").to_string()))
+                .filter_map(|b| {
+                    db.get("VIF", b)
+                        .ok()
+                        .map(|r| r.str_of("device").to_string())
+                })
                 .collect();
             Ok(Value::Array(
-                (0..7).map(|i: u32| i.to_string()).filter(|d| !used.contains(d)).map(Value::String).collect(),
+                (0..7)
+                    .map(|i: u32| i.to_string())
+                    .filter(|d| !used.contains(d))
+                    .map(Value::String)
+                    .collect(),
             ))
         },
         _ => return None,
@@ -87,7 +121,11 @@ pub fn check_blocked(db: &Db, vm: &str, op: &str) -> ApiResult<()> {
 }
 
 fn lower_states(states: &[&str]) -> String {
-    states.iter().map(|s| s.to_ascii_lowercase()).collect::<Vec<_>>().join(", ")
+    states
+        .iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `VM_BAD_POWER_STATE [vm, expected, actual]`, lowercase as in xen-api
@@ -99,7 +137,11 @@ fn check_power(rec: &Record, vm: &str, allowed: &[&str]) -> ApiResult<()> {
     }
     Err(ApiError::new(
         "VM_BAD_POWER_STATE",
-        [vm.to_string(), lower_states(allowed), ps.to_ascii_lowercase()],
+        [
+            vm.to_string(),
+            lower_states(allowed),
+            ps.to_ascii_lowercase(),
+        ],
     ))
 }
 
@@ -110,7 +152,15 @@ pub fn refresh_allowed_operations(db: &mut Db, vm: &str) -> ApiResult<()> {
     let ops: &[&str] = if rec.bool_of("is_control_domain") {
         &["changing_memory_live"]
     } else if template {
-        &["clone", "copy", "export", "destroy", "provision", "changing_memory_limits", "metadata_export"]
+        &[
+            "clone",
+            "copy",
+            "export",
+            "destroy",
+            "provision",
+            "changing_memory_limits",
+            "metadata_export",
+        ]
     } else {
         match rec.str_of("power_state") {
             "Halted" => &[
@@ -139,8 +189,22 @@ pub fn refresh_allowed_operations(db: &mut Db, vm: &str) -> ApiResult<()> {
                 "metadata_export",
                 "changing_memory_live",
             ],
-            "Paused" => &["unpause", "hard_shutdown", "hard_reboot", "snapshot", "checkpoint"],
-            "Suspended" => &["resume", "resume_on", "hard_shutdown", "snapshot", "checkpoint", "destroy", "export"],
+            "Paused" => &[
+                "unpause",
+                "hard_shutdown",
+                "hard_reboot",
+                "snapshot",
+                "checkpoint",
+            ],
+            "Suspended" => &[
+                "resume",
+                "resume_on",
+                "hard_shutdown",
+                "snapshot",
+                "checkpoint",
+                "destroy",
+                "export",
+            ],
             _ => &[],
         }
     };
@@ -162,7 +226,11 @@ fn set_power_state(db: &mut Db, vm: &str, state: &str, host: Option<&str>) -> Ap
     };
     let was_live = matches!(rec.str_of("power_state"), "Running" | "Paused");
     let domid = if live {
-        if was_live { rec.int_of("domid") } else { next_domid(db) }
+        if was_live {
+            rec.int_of("domid")
+        } else {
+            next_domid(db)
+        }
     } else {
         -1
     };
@@ -182,7 +250,12 @@ fn set_power_state(db: &mut Db, vm: &str, state: &str, host: Option<&str>) -> Ap
 }
 
 fn next_domid(db: &Db) -> i64 {
-    db.rows("VM").map(|(_, r)| r.int_of("domid")).max().unwrap_or(0).max(0) + 1
+    db.rows("VM")
+        .map(|(_, r)| r.int_of("domid"))
+        .max()
+        .unwrap_or(0)
+        .max(0)
+        + 1
 }
 
 fn start(ctx: &Ctx<'_>, vm: &str, host: Option<String>, paused: bool) -> ApiResult<Value> {
@@ -200,10 +273,19 @@ fn start(ctx: &Ctx<'_>, vm: &str, host: Option<String>, paused: bool) -> ApiResu
         }
         None => {
             let aff = rec.str_of("affinity");
-            if db.exists("host", aff) { aff.to_string() } else { ctx.pool_coordinator(&db) }
+            if db.exists("host", aff) {
+                aff.to_string()
+            } else {
+                ctx.pool_coordinator(&db)
+            }
         }
     };
-    set_power_state(&mut db, vm, if paused { "Paused" } else { "Running" }, Some(&host))?;
+    set_power_state(
+        &mut db,
+        vm,
+        if paused { "Paused" } else { "Running" },
+        Some(&host),
+    )?;
     Ok(void())
 }
 
@@ -274,13 +356,17 @@ fn derive_vm(
 ) -> ApiResult<String> {
     let src = db.get("VM", vm)?.clone();
     if src.bool_of("is_control_domain") {
-        return Err(ApiError::not_allowed("the control domain cannot be copied or snapshotted"));
+        return Err(ApiError::not_allowed(
+            "the control domain cannot be copied or snapshotted",
+        ));
     }
     // Disks first, so a failure leaves no half-made VM.
     let mut new_vbds: Vec<(Record, String)> = Vec::new();
     let mut made_vdis: Vec<String> = Vec::new();
     for vbd in src.strs_of("VBDs") {
-        let Ok(b) = db.get("VBD", &vbd).cloned() else { continue };
+        let Ok(b) = db.get("VBD", &vbd).cloned() else {
+            continue;
+        };
         let vdi = b.str_of("VDI").to_string();
         let is_disk = b.str_of("type") == "Disk" && !b.bool_of("empty") && db.exists("VDI", &vdi);
         if is_disk && ignore_vdis.contains(&vdi) {
@@ -330,19 +416,29 @@ fn derive_vm(
         put(
             "snapshot_info",
             Value::Struct(vec![
-                ("power-state-at-snapshot".into(), Value::str(src.str_of("power_state"))),
+                (
+                    "power-state-at-snapshot".into(),
+                    Value::str(src.str_of("power_state")),
+                ),
                 ("disk-snapshot-type".into(), Value::str("crash_consistent")),
             ]),
         );
         put("parent", Value::str(src.str_of("parent")));
         put(
             "power_state",
-            Value::str(if kind == Kind::Checkpoint { "Suspended" } else { "Halted" }),
+            Value::str(if kind == Kind::Checkpoint {
+                "Suspended"
+            } else {
+                "Halted"
+            }),
         );
     } else {
         put("is_a_snapshot", Value::Bool(false));
         put("snapshot_of", Value::str(NULL_REF));
-        put("snapshot_time", Value::DateTime("19700101T00:00:00Z".into()));
+        put(
+            "snapshot_time",
+            Value::DateTime("19700101T00:00:00Z".into()),
+        );
         put("snapshot_info", Value::Struct(vec![]));
         put("power_state", Value::str("Halted"));
         put("parent", Value::str(vm));
@@ -359,7 +455,10 @@ fn derive_vm(
             pool,
             db,
             vec![
-                ("name_label".into(), Value::str(format!("Suspend image of {new_name}"))),
+                (
+                    "name_label".into(),
+                    Value::str(format!("Suspend image of {new_name}")),
+                ),
                 ("SR".into(), Value::str(sr)),
                 ("virtual_size".into(), Value::Int(mem)),
                 ("type".into(), Value::str("suspend")),
@@ -393,12 +492,25 @@ fn derive_vm(
         db.create("VBD", copy)?;
     }
     for vif in src.strs_of("VIFs") {
-        let Ok(v) = db.get("VIF", &vif).cloned() else { continue };
-        let copy: Vec<(&str, Value)> = ["device", "network", "MAC", "MTU", "other_config", "MAC_autogenerated", "locking_mode"]
-            .iter()
-            .filter_map(|f| v.get(*f).map(|x| (*f, x.clone())))
-            .chain([("VM", Value::str(new_vm.clone())), ("currently_attached", Value::Bool(false))])
-            .collect();
+        let Ok(v) = db.get("VIF", &vif).cloned() else {
+            continue;
+        };
+        let copy: Vec<(&str, Value)> = [
+            "device",
+            "network",
+            "MAC",
+            "MTU",
+            "other_config",
+            "MAC_autogenerated",
+            "locking_mode",
+        ]
+        .iter()
+        .filter_map(|f| v.get(*f).map(|x| (*f, x.clone())))
+        .chain([
+            ("VM", Value::str(new_vm.clone())),
+            ("currently_attached", Value::Bool(false)),
+        ])
+        .collect();
         db.create("VIF", copy)?;
     }
     if snapshotting {
@@ -453,7 +565,16 @@ fn copy(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
         db.get("SR", &sr)?;
         Some(sr)
     };
-    derive_vm(ctx.pool, &mut db, &vm, &name, Kind::Copy, &[], sr.as_deref()).map(Value::String)
+    derive_vm(
+        ctx.pool,
+        &mut db,
+        &vm,
+        &name,
+        Kind::Copy,
+        &[],
+        sr.as_deref(),
+    )
+    .map(Value::String)
 }
 
 /// xen-api ocaml/xapi/xapi_vm_helpers.ml `destroy`: the VM and its VBDs,
@@ -463,7 +584,9 @@ fn destroy(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     let mut db = ctx.pool.db();
     let rec = db.get("VM", &vm)?.clone();
     if rec.bool_of("is_control_domain") {
-        return Err(ApiError::not_allowed("the control domain cannot be destroyed"));
+        return Err(ApiError::not_allowed(
+            "the control domain cannot be destroyed",
+        ));
     }
     check_blocked(&db, &vm, "destroy")?;
     check_power(&rec, &vm, &["Halted", "Suspended"])?;
@@ -480,12 +603,101 @@ fn destroy(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
             let _ = db.destroy(class, &r);
         }
     }
-    for (class, field) in [("VM_metrics", "metrics"), ("VM_guest_metrics", "guest_metrics")] {
+    for (class, field) in [
+        ("VM_metrics", "metrics"),
+        ("VM_guest_metrics", "guest_metrics"),
+    ] {
         let r = rec.str_of(field);
         if db.exists(class, r) {
             let _ = db.destroy(class, r);
         }
     }
     db.destroy("VM", &vm)?;
+    Ok(void())
+}
+
+/// xen-api ocaml/xapi/xapi_vm_snapshot.ml `revert`: the VM (shut down first)
+/// gets clones of the snapshot's disks in place of its own, whose VDIs are
+/// destroyed, and the power state the snapshot was taken in (Halted, or
+/// Suspended for a checkpoint).
+fn revert(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
+    let snap = arg_str(args, 0);
+    let pool = ctx.pool;
+    let mut db = pool.db();
+    let s = db.get("VM", &snap)?.clone();
+    if !s.bool_of("is_a_snapshot") {
+        return Err(ApiError::not_allowed("VM.revert needs a snapshot"));
+    }
+    let vm = s.str_of("snapshot_of").to_string();
+    let v = db.get("VM", &vm)?.clone();
+    check_blocked(&db, &vm, "revert")?;
+    if v.str_of("power_state") != "Halted" {
+        set_power_state(&mut db, &vm, "Halted", None)?;
+    }
+    // Clone the snapshot's disks first, so a failure changes nothing.
+    let mut new_vbds = Vec::new();
+    for vbd in s.strs_of("VBDs") {
+        let Ok(b) = db.get("VBD", &vbd).cloned() else {
+            continue;
+        };
+        let vdi = b.str_of("VDI").to_string();
+        let vdi = if b.str_of("type") == "Disk" && db.exists("VDI", &vdi) {
+            clone_vdi(pool, &mut db, &vdi)?
+        } else {
+            vdi
+        };
+        new_vbds.push((b, vdi));
+    }
+    for vbd in v.strs_of("VBDs") {
+        let Ok(b) = db.get("VBD", &vbd).cloned() else {
+            continue;
+        };
+        db.destroy("VBD", &vbd)?;
+        let old = b.str_of("VDI");
+        if b.str_of("type") == "Disk"
+            && db
+                .get("VDI", old)
+                .is_ok_and(|r| r.strs_of("VBDs").is_empty())
+        {
+            super::vdi::destroy_vdi(pool, &mut db, old)?;
+        }
+    }
+    for (b, vdi) in new_vbds {
+        let fields: Vec<(&str, Value)> = [
+            "device",
+            "userdevice",
+            "bootable",
+            "mode",
+            "type",
+            "unpluggable",
+            "empty",
+            "other_config",
+        ]
+        .iter()
+        .filter_map(|f| b.get(*f).map(|x| (*f, x.clone())))
+        .chain([
+            ("VM", Value::str(vm.clone())),
+            ("VDI", Value::str(vdi)),
+            ("currently_attached", Value::Bool(false)),
+        ])
+        .collect();
+        db.create("VBD", fields)?;
+    }
+    let state = if s.str_of("power_state") == "Suspended" {
+        "Suspended"
+    } else {
+        "Halted"
+    };
+    db.update("VM", &vm, |r| {
+        r.insert("power_state".into(), Value::str(state));
+        r.insert("parent".into(), Value::str(snap.clone()));
+        r.insert(
+            "suspend_VDI".into(),
+            s.get("suspend_VDI")
+                .cloned()
+                .unwrap_or(Value::str(NULL_REF)),
+        );
+    })?;
+    refresh_allowed_operations(&mut db, &vm)?;
     Ok(void())
 }

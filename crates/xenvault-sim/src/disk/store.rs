@@ -335,7 +335,17 @@ impl DiskStore {
             }
             for cm in meta.cbt {
                 let path = store.cbt_path(&cm.vdi);
-                let bytes = fs::read(&path).map_err(io_err("read CBT log", &path))?;
+                let bytes = match fs::read(&path) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        // A crash between moving a log and saving the metadata: like SM
+                        // with an inconsistent log, give up CBT on that disk (the next
+                        // incremental falls back to a full read) rather than refuse to start.
+                        tracing::warn!(vdi = %cm.vdi, "CBT log file missing; CBT disabled on it");
+                        continue;
+                    }
+                    Err(e) => return Err(io_err("read CBT log", &path)(e)),
+                };
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -351,6 +361,16 @@ impl DiskStore {
                         file,
                     },
                 );
+            }
+            // Drop pointers to logs that are gone.
+            let known: BTreeSet<String> = g.cbt.keys().cloned().collect();
+            for log in g.cbt.values_mut() {
+                if log.parent.as_ref().is_some_and(|p| !known.contains(p)) {
+                    log.parent = None;
+                }
+                if log.child.as_ref().is_some_and(|c| !known.contains(c)) {
+                    log.child = None;
+                }
             }
             // Validate references and count children.
             let ids: Vec<u64> = g.layers.keys().copied().collect();

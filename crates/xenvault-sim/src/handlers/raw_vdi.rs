@@ -16,7 +16,7 @@ use xenvault_types::extent::is_all_zero;
 use xenvault_types::{ExtentData, Value};
 
 use super::stream::{
-    BodyEnd, BodyLen, PipeReader, Progress, io_api_error, receive_stream, send_stream,
+    BodyEnd, BodyLen, PipeReader, PipeWriter, Progress, io_api_error, receive_stream, send_stream,
 };
 use super::{Dom0Vbd, begin, fail_early, resolve};
 use crate::db::Fields;
@@ -109,27 +109,27 @@ fn read(disks: &DiskStore, uuid: &str, off: u64, buf: &mut [u8]) -> Result<(), A
 }
 
 fn write_raw(
-    out: &mut dyn Write,
+    out: &mut PipeWriter,
     disks: &DiskStore,
     uuid: &str,
     size: u64,
     progress: &mut Progress,
 ) -> Result<(), ApiError> {
     let alloc = disks.allocated_blocks(uuid).map_err(disk_error)?;
-    let zeros = vec![0u8; RAW_PIECE as usize];
-    let mut buf = vec![0u8; RAW_PIECE as usize];
     let mut off = 0;
     while off < size {
         let len = RAW_PIECE.min(size - off);
         let first = off / CBT_BLOCK_SIZE;
         let last = (off + len - 1) / CBT_BLOCK_SIZE;
+        // A recycled piece, filled from the disk (holes read as zeros), handed over
+        // without another copy.
+        let mut piece = out.buffer(len as usize);
         if (first..=last).any(|b| alloc.get(b)) {
-            read(disks, uuid, off, &mut buf[..len as usize])?;
-            out.write_all(&buf[..len as usize]).map_err(io_api_error)?;
+            read(disks, uuid, off, &mut piece)?;
         } else {
-            out.write_all(&zeros[..len as usize])
-                .map_err(io_api_error)?;
+            piece.fill(0);
         }
+        out.send_vec(piece).map_err(io_api_error)?;
         progress.advance(len)?;
         off += len;
     }

@@ -24,6 +24,8 @@ pub const PIPE_PIECE: usize = 1 << 20;
 pub struct PipeWriter {
     tx: mpsc::Sender<Vec<u8>>,
     buf: Vec<u8>,
+    /// Pieces the socket side has written, handed back for reuse.
+    spent: std::sync::mpsc::Receiver<Vec<u8>>,
 }
 
 impl PipeWriter {
@@ -32,6 +34,28 @@ impl PipeWriter {
             return Ok(());
         }
         let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIPE_PIECE));
+        self.tx
+            .blocking_send(piece)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the HTTP client is gone"))
+    }
+}
+
+impl PipeWriter {
+    /// A buffer of `len` bytes for [`PipeWriter::send_vec`], reused from a piece already
+    /// sent when one is back (its old contents remain: overwrite all of it).
+    pub fn buffer(&mut self, len: usize) -> Vec<u8> {
+        match self.spent.try_recv() {
+            Ok(mut b) => {
+                b.resize(len, 0);
+                b
+            }
+            Err(_) => vec![0u8; len],
+        }
+    }
+
+    /// Hands over a whole piece without copying it (after what is buffered).
+    pub fn send_vec(&mut self, piece: Vec<u8>) -> io::Result<()> {
+        self.push()?;
         self.tx
             .blocking_send(piece)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the HTTP client is gone"))
@@ -195,10 +219,12 @@ where
     F: FnOnce(&mut PipeWriter) -> Result<String, ApiError> + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIPE_DEPTH);
+    let (spent_tx, spent) = std::sync::mpsc::channel::<Vec<u8>>();
     let producer = tokio::task::spawn_blocking(move || {
         let mut w = PipeWriter {
             tx,
             buf: Vec::with_capacity(PIPE_PIECE),
+            spent,
         };
         let r = produce(&mut w);
         match r {
@@ -217,6 +243,7 @@ where
             break;
         }
         pool.stats.add(&format!("bytes/{handler}"), allowed as u64);
+        let _ = spent_tx.send(piece);
         pacer.passed(allowed).await;
         if pacer.is_cut() {
             break;
@@ -304,7 +331,7 @@ where
     T: Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(PIPE_DEPTH);
-    let consumer = tokio::task::spawn_blocking(move || {
+    let mut consumer = tokio::task::spawn_blocking(move || {
         let mut r = PipeReader {
             rx,
             cur: Vec::new(),
@@ -312,8 +339,16 @@ where
         };
         consume(&mut r)
     });
+    let joined = |r: Result<Result<T, ApiError>, tokio::task::JoinError>| {
+        r.unwrap_or_else(|e| {
+            Err(ApiError::internal(format!(
+                "the {handler} consumer failed: {e}"
+            )))
+        })
+    };
     let mut pacer = Pacer::new(pool.faults.stream(handler));
     let mut read: u64 = 0;
+    let mut early: Option<Result<T, ApiError>> = None;
     let end = loop {
         let want = match len {
             BodyLen::Exactly(n) if read >= n => break BodyEnd::Complete,
@@ -325,15 +360,24 @@ where
             break BodyEnd::Cut(read);
         }
         let mut buf = vec![0u8; want];
-        let n = match conn.read(&mut buf).await {
-            Ok(0) => {
-                break match len {
-                    BodyLen::Exactly(_) => BodyEnd::Premature(read),
-                    BodyLen::UntilEof => BodyEnd::Complete,
-                };
+        // The consumer may finish before the body does (an XVA's tar end arrives while
+        // XO's fake 1 PiB Content-Length is far away): stop reading then, or we would
+        // wait for bytes the client never sends.
+        let n = tokio::select! {
+            r = conn.read(&mut buf) => match r {
+                Ok(0) => {
+                    break match len {
+                        BodyLen::Exactly(_) => BodyEnd::Premature(read),
+                        BodyLen::UntilEof => BodyEnd::Complete,
+                    };
+                }
+                Ok(n) => n,
+                Err(e) => break BodyEnd::Error(e),
+            },
+            r = &mut consumer => {
+                early = Some(joined(r));
+                break BodyEnd::ConsumerDone;
             }
-            Ok(n) => n,
-            Err(e) => break BodyEnd::Error(e),
         };
         buf.truncate(n);
         read += n as u64;
@@ -344,10 +388,9 @@ where
         pacer.passed(n).await;
     };
     drop(tx);
-    let result = consumer.await.unwrap_or_else(|e| {
-        Err(ApiError::internal(format!(
-            "the {handler} consumer failed: {e}"
-        )))
-    });
+    let result = match early {
+        Some(r) => r,
+        None => joined(consumer.await),
+    };
     (result, end)
 }

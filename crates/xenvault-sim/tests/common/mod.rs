@@ -27,8 +27,11 @@ impl SimProcess {
             .expect("spawn xapi-sim");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the JSON line");
-        let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}"));
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the JSON line");
+        let info: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}"));
         SimProcess { child, info }
     }
 
@@ -46,7 +49,10 @@ impl SimProcess {
 
     /// SIGTERM and wait; returns whether it exited successfully.
     pub fn stop(mut self) -> bool {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         for _ in 0..100 {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return st.success();
@@ -75,9 +81,17 @@ pub fn raw(addr: &str, request: &[u8]) -> (u16, String, Vec<u8>) {
     s.write_all(request).unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head")
+        + 4;
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
     (status, head, buf[end..].to_vec())
 }
 
@@ -100,7 +114,8 @@ pub fn get(addr: &str, path: &str) -> (u16, String, String) {
 
 /// One JSON-RPC v2 call; returns the whole response object.
 pub fn jsonrpc(addr: &str, method: &str, params: serde_json::Value) -> serde_json::Value {
-    let body = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}).to_string();
+    let body = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
+        .to_string();
     let (st, _, text) = post(addr, "/jsonrpc", "application/json", &body);
     assert_eq!(st, 200, "{text}");
     serde_json::from_str(&text).unwrap()
@@ -115,8 +130,12 @@ pub fn call(addr: &str, method: &str, params: serde_json::Value) -> serde_json::
 
 /// Logs in over JSON-RPC.
 pub fn login(sim: &SimProcess) -> String {
-    call(&sim.addr(), "session.login_with_password", serde_json::json!(["root", sim.password(), "2.21", "test"]))
-        .as_str()
-        .unwrap()
-        .to_string()
+    call(
+        &sim.addr(),
+        "session.login_with_password",
+        serde_json::json!(["root", sim.password(), "2.21", "test"]),
+    )
+    .as_str()
+    .unwrap()
+    .to_string()
 }

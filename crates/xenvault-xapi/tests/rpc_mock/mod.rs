@@ -84,17 +84,6 @@ impl MockXapi {
         MockXapi::serve(listener, mode, Arc::new(handler))
     }
 
-    /// Starts on a given address (for redirect tests that need two hosts
-    /// on the same port).
-    pub async fn start_at(
-        addr: &str,
-        mode: JsonMode,
-        handler: impl Fn(&Received) -> Reply + Send + Sync + 'static,
-    ) -> std::io::Result<MockXapi> {
-        let listener = TcpListener::bind(addr).await?;
-        Ok(MockXapi::serve(listener, mode, Arc::new(handler)))
-    }
-
     fn serve(listener: TcpListener, mode: JsonMode, handler: Handler) -> MockXapi {
         let addr = listener.local_addr().expect("local addr");
         let url = match addr {
@@ -156,6 +145,14 @@ async fn serve_connection(
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
+        if buf.first() == Some(&0x16) {
+            // A TLS ClientHello on this plain-HTTP endpoint: answer as a plain
+            // server would, so the client's handshake fails at once.
+            stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                .await?;
+            return stream.shutdown().await;
+        }
         if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break pos + 4;
         }

@@ -1,0 +1,65 @@
+//! `xenvault-bench`: benchmarks that measure xenvault and its peers in the
+//! same run and write the table to `docs/benchmarks.md`.
+//!
+//! Benchmarks are not tests: nothing here runs in `./scripts/test`. Run them
+//! with `cargo run --release -p xenvault-bench -- <benchmark>`.
+
+mod sim;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xenvault-bench", about = "xenvault's benchmarks (not tests)")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// How fast the simulator serves raw exports and NBD reads, against `cat`
+    /// of the same sparse file (the goal: at least half of cat's rate).
+    Sim(sim::SimArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.bench {
+            Bench::Sim(args) => sim::run(args).await,
+        }
+    })
+}
+
+/// Replaces the part of `docs/benchmarks.md` between the markers of `section`
+/// (adding it at the end if missing), keeping the other sections.
+pub fn write_section(path: &PathBuf, section: &str, body: &str) -> anyhow::Result<()> {
+    let start = format!("<!-- {section}:start -->");
+    let end = format!("<!-- {section}:end -->");
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| {
+        "# Benchmarks\n\nEach section is written by `xenvault-bench`; peers are measured in the same run.\n".to_string()
+    });
+    let block = format!("{start}\n{body}{end}\n");
+    let new = match (old.find(&start), old.find(&end)) {
+        (Some(s), Some(e)) if e > s => {
+            format!(
+                "{}{}{}",
+                &old[..s],
+                block,
+                &old[e + end.len()..].trim_start_matches('\n')
+            )
+        }
+        _ => format!(
+            "{}\n{}",
+            old.trim_end_matches('\n').to_string() + "\n",
+            block
+        ),
+    };
+    std::fs::write(path, new)?;
+    Ok(())
+}
