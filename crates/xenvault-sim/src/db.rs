@@ -131,6 +131,7 @@ pub struct Db {
     generation: u64,
     deletions: VecDeque<Deletion>,
     deletions_floor: u64,
+    persistent_generation: u64,
     changed: tokio::sync::watch::Sender<u64>,
 }
 
@@ -150,6 +151,7 @@ impl Db {
             generation: 0,
             deletions: VecDeque::new(),
             deletions_floor: 0,
+            persistent_generation: 0,
             changed,
         }
     }
@@ -159,8 +161,17 @@ impl Db {
         self.generation
     }
 
-    fn bump(&mut self) -> u64 {
+    /// The generation of the last change to a persisted table (the state
+    /// saver skips saves when only sessions or tasks changed).
+    pub fn persistent_generation(&self) -> u64 {
+        self.persistent_generation
+    }
+
+    fn bump(&mut self, class: &str) -> u64 {
         self.generation += 1;
+        if !NON_PERSISTENT.contains(&class) {
+            self.persistent_generation = self.generation;
+        }
         self.changed.send_replace(self.generation);
         self.generation
     }
@@ -202,7 +213,7 @@ impl Db {
         if c.field("uuid").is_some() && rec.str_of("uuid").is_empty() {
             rec.insert("uuid".into(), Value::str(uuid::Uuid::new_v4().to_string()));
         }
-        let g = self.bump();
+        let g = self.bump(class);
         let links: Vec<(String, String, String)> = RELATIONS
             .iter()
             .filter(|(cl, _, _, _)| *cl == class)
@@ -331,7 +342,7 @@ impl Db {
             .iter()
             .map(|(_, fwd, _, _)| row.fields.str_of(fwd).to_string())
             .collect();
-        self.bump();
+        self.bump(class);
         for (i, (_, _, tc, back)) in rels.iter().enumerate() {
             if before[i] != after[i] {
                 self.link(tc, &before[i], back, r, false, g);
@@ -353,7 +364,7 @@ impl Db {
             .get_mut(class)
             .and_then(|t| t.remove(r))
             .ok_or_else(|| ApiError::handle_invalid(class, r))?;
-        let g = self.bump();
+        let g = self.bump(class);
         for (_, fwd, tc, back) in RELATIONS.iter().filter(|(c, _, _, _)| *c == class) {
             let target = row.fields.str_of(fwd).to_string();
             self.link(tc, &target, back, r, false, g);
@@ -443,13 +454,15 @@ impl Db {
 
     /// Events since generation `since` for the classes `wanted` accepts
     /// (`(class, ref) → bool`). Returns `EVENTS_LOST` when deletions that old
-    /// were forgotten.
+    /// were forgotten, or for a token newer than the DB (from before a restart).
     pub fn events_since(
         &self,
         since: u64,
         wanted: &dyn Fn(&str, &str) -> bool,
     ) -> ApiResult<Vec<DbEvent>> {
-        if since < self.deletions_floor {
+        // A token from the future (taken before a restart) or older than the
+        // remembered deletions cannot be served: the client must start over.
+        if since < self.deletions_floor || since > self.generation {
             return Err(ApiError::new("EVENTS_LOST", Vec::<String>::new()));
         }
         let mut out = Vec::new();
@@ -532,7 +545,7 @@ impl Db {
                         fields.insert(k.clone(), val);
                     }
                 }
-                let g = self.bump();
+                let g = self.bump(class);
                 self.tables.entry(class.clone()).or_default().insert(
                     r.clone(),
                     Row {

@@ -271,6 +271,8 @@ impl Connection {
         let fault: StreamFault = self.pool.faults.stream("nbd");
         let started = Instant::now();
         let mut served: u64 = 0;
+        let mut reply_buf: Vec<u8> = Vec::new();
+        let (reads_key, bytes_key) = (format!("nbd_reads/{uuid}"), format!("nbd_bytes/{uuid}"));
         loop {
             let mut hdr = [0u8; proto::REQUEST_LEN];
             s.read_exact(&mut hdr).await?;
@@ -291,45 +293,49 @@ impl Connection {
                         s.flush().await?;
                         continue;
                     }
+                    // One buffer per connection, reused: the reply header and the data
+                    // go out in a single write.
+                    let mut buf = std::mem::take(&mut reply_buf);
+                    buf.resize(proto::SIMPLE_REPLY_LEN + len as usize, 0);
                     let disks = self.pool.disks.clone();
                     let id = uuid.clone();
-                    let data = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; len as usize];
-                        disks.read_at(&id, off, &mut buf).map(|_| buf)
+                    let (buf, read) = tokio::task::spawn_blocking(move || {
+                        let r = disks.read_at(&id, off, &mut buf[proto::SIMPLE_REPLY_LEN..]);
+                        (buf, r)
                     })
                     .await
                     .map_err(io::Error::other)?;
-                    let data = match data {
-                        Ok(d) => d,
-                        Err(e) => {
-                            // xapi-nbd drops the connection on a read error mid-reply;
-                            // before any data an error reply is fine.
-                            tracing::warn!("NBD read of {uuid} failed: {e}");
-                            s.write_all(&proto::encode_simple_reply(proto::errno::EIO, req.handle))
-                                .await?;
-                            s.flush().await?;
-                            continue;
-                        }
-                    };
-                    s.write_all(&proto::encode_simple_reply(0, req.handle))
-                        .await?;
+                    let mut buf = buf;
+                    if let Err(e) = read {
+                        // xapi-nbd drops the connection on a read error mid-reply; before
+                        // any data an error reply is fine.
+                        tracing::warn!("NBD read of {uuid} failed: {e}");
+                        s.write_all(&proto::encode_simple_reply(proto::errno::EIO, req.handle))
+                            .await?;
+                        s.flush().await?;
+                        reply_buf = buf;
+                        continue;
+                    }
+                    buf[..proto::SIMPLE_REPLY_LEN]
+                        .copy_from_slice(&proto::encode_simple_reply(0, req.handle));
                     if let Some(cut) = fault.cut_after
                         && served + len > cut
                     {
                         let keep = cut.saturating_sub(served) as usize;
-                        s.write_all(&data[..keep]).await?;
+                        s.write_all(&buf[..proto::SIMPLE_REPLY_LEN + keep]).await?;
                         s.flush().await?;
                         tracing::info!("NBD: fault injection cut the stream after {cut} bytes");
                         return Ok(());
                     }
-                    s.write_all(&data).await?;
+                    s.write_all(&buf).await?;
                     s.flush().await?;
+                    reply_buf = buf;
                     served += len;
                     self.pool.stats.add("nbd/reads", 1);
                     self.pool.stats.add("nbd/bytes", len);
                     self.pool.stats.add("bytes/nbd", len);
-                    self.pool.stats.add(&format!("nbd_reads/{uuid}"), 1);
-                    self.pool.stats.add(&format!("nbd_bytes/{uuid}"), len);
+                    self.pool.stats.add(&reads_key, 1);
+                    self.pool.stats.add(&bytes_key, len);
                     if let Some(rate) = fault.bytes_per_sec.filter(|r| *r > 0) {
                         let due = Duration::from_secs_f64(served as f64 / rate as f64);
                         let elapsed = started.elapsed();

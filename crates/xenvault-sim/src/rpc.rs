@@ -151,3 +151,40 @@ pub fn json_response(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_rpc_shapes_follow_xapi() {
+        let ok = json_response(Ok(Value::Int(1 << 40)), json!(3), false);
+        assert_eq!(
+            ok,
+            json!({"result": 1_099_511_627_776_i64, "error": null, "id": 3})
+        );
+        let e = ApiError::new("HANDLE_INVALID", ["VM", "OpaqueRef:x"]);
+        assert_eq!(
+            json_response(Err(e.clone()), json!("a"), false),
+            json!({"result": null, "error": ["HANDLE_INVALID", "VM", "OpaqueRef:x"], "id": "a"})
+        );
+        assert_eq!(
+            json_response(Err(e), json!(1), true),
+            json!({"jsonrpc": "2.0", "error": {"code": 1, "message": "HANDLE_INVALID", "data": ["VM", "OpaqueRef:x"]}, "id": 1})
+        );
+        assert_eq!(
+            json_response(Ok(Value::str("")), json!(1), true),
+            json!({"jsonrpc": "2.0", "result": "", "id": 1})
+        );
+    }
+
+    #[test]
+    fn responses_carry_content_length() {
+        let r = Response::new(200, "OK").body("text/xml", "<x/>").to_bytes();
+        let text = String::from_utf8(r).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(text.contains("Content-Type: text/xml\r\n"));
+        assert!(text.ends_with("Content-Length: 4\r\n\r\n<x/>"));
+    }
+}

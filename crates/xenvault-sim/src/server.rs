@@ -313,14 +313,16 @@ impl Simulator {
 /// Saves the DB 200 ms after changes (debounced) until shutdown.
 async fn persist_loop(pool: Arc<Pool>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut changed = pool.changed.clone();
-    let mut saved_at = *changed.borrow_and_update();
+    changed.borrow_and_update();
+    let mut saved_at = pool.db().persistent_generation();
     loop {
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
             _ = shutdown.changed() => return,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = *changed.borrow_and_update();
+        changed.borrow_and_update();
+        let now = pool.db().persistent_generation();
         if now == saved_at {
             continue;
         }

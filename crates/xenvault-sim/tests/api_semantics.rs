@@ -351,6 +351,20 @@ fn events_and_tasks() {
         "TASK_CANCELLED"
     );
 
+    // A destroyed object gives `del` without a snapshot.
+    let tok = call(&a, "event.from", json!([s, ["vm"], "", 0.0]))["token"].clone();
+    call(&a, "VM.destroy", json!([s, clone]));
+    let r = call(&a, "event.from", json!([s, ["vm"], tok, 5.0]));
+    let del = r["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["ref"] == json!(clone))
+        .unwrap()
+        .clone();
+    assert_eq!(del["operation"], "del");
+    assert!(del.get("snapshot").is_none());
+
     let inj = call(&a, "event.inject", json!([s, "vm", vm]));
     let r = call(&a, "event.from", json!([s, ["vm"], inj, 1.0]));
     assert!(

@@ -70,7 +70,10 @@ async fn vhd_delta_with_base_overlays_to_the_newer_snapshot() {
         .await;
     let decoded = decode_vhd(&delta);
     assert_eq!(decoded.disk_type, DiskType::Differencing);
-    assert!(decoded.parent.is_some(), "a differencing VHD names its parent");
+    assert!(
+        decoded.parent.is_some(),
+        "a differencing VHD names its parent"
+    );
     assert_eq!(decoded.virtual_size, DISK);
 
     // Only the 2 MiB blocks around the writes are carried …
@@ -130,7 +133,11 @@ async fn cbt_lists_exactly_the_written_blocks() {
     assert_eq!(changed(&ctx, &a_ref, &b_ref).await, w1, "A→B");
     assert_eq!(changed(&ctx, &b_ref, &c_ref).await, w2, "B→C");
     let both: BTreeSet<u64> = w1.union(&w2).copied().collect();
-    assert_eq!(changed(&ctx, &a_ref, &c_ref).await, both, "A→C = both rounds");
+    assert_eq!(
+        changed(&ctx, &a_ref, &c_ref).await,
+        both,
+        "A→C = both rounds"
+    );
 
     // The bitmap agrees with the data.
     let raw_a = ctx.export_raw(&a).await;
@@ -148,7 +155,11 @@ async fn cbt_lists_exactly_the_written_blocks() {
     let a_after = ctx.session.vdi().get_record(&a_ref).await.unwrap();
     assert_eq!(a_after.type_, VdiType::CbtMetadata);
     assert_eq!(a_after.uuid, a.uuid);
-    assert_eq!(changed(&ctx, &a_ref, &c_ref).await, both, "A(cbt_metadata)→C");
+    assert_eq!(
+        changed(&ctx, &a_ref, &c_ref).await,
+        both,
+        "A(cbt_metadata)→C"
+    );
     assert_eq!(changed(&ctx, &a_ref, &b_ref).await, w1, "A(cbt_metadata)→B");
     // Its data is gone: NBD access is refused with the typed XAPI error.
     let err = ctx.session.vdi().get_nbd_info(&a_ref).await.unwrap_err();

@@ -66,7 +66,10 @@ async fn raw_vhd_and_xva_exports_equal_the_disks() {
             vdi.uuid
         );
         // …equals the disk as read over NBD (a second, independent path).
-        let extents = ctx.nbd_read(vdi_ref, vec![0..size], 2).await.unwrap();
+        let extents = ctx
+            .nbd_read(vdi_ref, std::iter::once(0..size).collect(), 2)
+            .await
+            .unwrap();
         assert_eq!(image_of(&extents, size), raw, "NBD read of {}", vdi.uuid);
 
         // VHD export: a dynamic VHD whose content is the raw export.
@@ -153,52 +156,65 @@ async fn exported_xva_imports_back_with_equal_disks() {
     for (_, vdi) in &originals {
         original_raws.push(ctx.export_raw(vdi).await);
     }
-    let xva = ctx.fetch_ok("/export", &[("ref", vm.as_str())]).await;
+    // A plain and a zstd-compressed export both import back (xapi sniffs the magic).
+    for compression in [None, Some("zstd")] {
+        let mut params = vec![("ref", vm.as_str())];
+        if let Some(c) = compression {
+            params.push(("use_compression", c));
+        }
+        let xva = ctx.fetch_ok("/export", &params).await;
 
-    // PUT /import through our HttpTransfer (explicit Content-Length), inside a task.
-    let task = ctx.session.create_task("client test import", "").await.unwrap();
-    let url = handler_url(
-        &ctx.session.base_url(),
-        "/import",
-        ctx.session.session_ref().expose(),
-        Some(task.id()),
-        &[],
-    );
-    let len = xva.len() as u64;
-    let body = futures::stream::iter(
-        xva.chunks(1 << 20)
-            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
-            .collect::<Vec<_>>(),
-    );
-    let upload = within(STEP, "XVA upload", ctx.transfer.put(url, body, len))
-        .await
-        .unwrap();
-    assert_eq!(upload.bytes_sent, len);
-    let imported: Vec<VmRef> = within(
-        STEP,
-        "import task",
-        task.wait_result(&WaitOptions::with_timeout(STEP)),
-    )
-    .await
-    .unwrap();
-    assert_eq!(imported.len(), 1, "the import task result names one VM");
-    let new_vm = &imported[0];
-    assert_ne!(new_vm, &vm);
-    let record = ctx.session.vm().get_record(new_vm).await.unwrap();
-    assert_eq!(record.name_label, "two-disks");
-    assert_eq!(record.power_state, PowerState::Halted);
-
-    let copies = ctx.vm_disks(new_vm).await;
-    assert_eq!(copies.len(), originals.len());
-    for ((_, copy), ((_, original), raw)) in copies.iter().zip(originals.iter().zip(&original_raws)) {
-        assert_ne!(copy.uuid, original.uuid, "the import makes new VDIs");
-        assert_eq!(copy.virtual_size, original.virtual_size);
-        let copied = ctx.export_raw(copy).await;
-        assert!(
-            copied == *raw,
-            "imported disk {} differs from {}",
-            copy.uuid,
-            original.uuid
+        // PUT /import through our HttpTransfer (explicit Content-Length), inside a task.
+        let task = ctx
+            .session
+            .create_task("client test import", "")
+            .await
+            .unwrap();
+        let url = handler_url(
+            &ctx.session.base_url(),
+            "/import",
+            ctx.session.session_ref().expose(),
+            Some(task.id()),
+            &[],
         );
+        let len = xva.len() as u64;
+        let body = futures::stream::iter(
+            xva.chunks(1 << 20)
+                .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        );
+        let upload = within(STEP, "XVA upload", ctx.transfer.put(url, body, len))
+            .await
+            .unwrap();
+        assert_eq!(upload.bytes_sent, len);
+        let imported: Vec<VmRef> = within(
+            STEP,
+            "import task",
+            task.wait_result(&WaitOptions::with_timeout(STEP)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("import of the {compression:?} XVA: {e}"));
+        assert_eq!(imported.len(), 1, "the import task result names one VM");
+        let new_vm = &imported[0];
+        assert_ne!(new_vm, &vm);
+        let record = ctx.session.vm().get_record(new_vm).await.unwrap();
+        assert_eq!(record.name_label, "two-disks");
+        assert_eq!(record.power_state, PowerState::Halted);
+
+        let copies = ctx.vm_disks(new_vm).await;
+        assert_eq!(copies.len(), originals.len());
+        for ((_, copy), ((_, original), raw)) in
+            copies.iter().zip(originals.iter().zip(&original_raws))
+        {
+            assert_ne!(copy.uuid, original.uuid, "the import makes new VDIs");
+            assert_eq!(copy.virtual_size, original.virtual_size);
+            let copied = ctx.export_raw(copy).await;
+            assert!(
+                copied == *raw,
+                "imported disk {} ({compression:?}) differs from {}",
+                copy.uuid,
+                original.uuid
+            );
+        }
     }
 }

@@ -19,6 +19,7 @@ use xenvault_xapi::nbd::client::NbdError;
 use xenvault_xapi::session::{Client, Credentials};
 use xenvault_xapi::task::WaitOptions;
 use xenvault_xapi::tls::{Fingerprint, TlsPolicy};
+use xenvault_xapi::transport::{ConnectOptions, ProtocolChoice};
 
 fn sim(extra: &[&str]) -> SimProc {
     let mut args = vec!["--vms", "2", "--disk-size", "4M", "--written", "25%"];
@@ -37,51 +38,95 @@ fn xapi_code(err: &Error) -> (&ErrorCode, &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_call_failure_is_a_typed_xapi_error() {
     let sim = sim(&[]);
-    let ctx = Ctx::http(&sim).await;
-    let (vm, _) = ctx.vm("vm-01").await;
-    sim.control(
-        "POST",
-        "/_sim/faults/call",
-        serde_json::json!({"method": "VM.snapshot", "nth": 1, "error": ["SR_FULL", "4194304", "0"]}),
-    )
-    .await;
-    let err = within(STEP, "VM.snapshot", ctx.session.vm().snapshot(&vm, "full", &[]))
-        .await
-        .unwrap_err();
-    match &err {
-        Error::Xapi { method, error } => {
-            assert_eq!(method, "VM.snapshot");
-            assert_eq!(error.code, ErrorCode::SrFull);
-            assert_eq!(error.params, vec!["4194304".to_string(), "0".to_string()]);
-        }
-        other => panic!("expected Error::Xapi SR_FULL, got {other:?}"),
-    }
-    assert!(!err.is_retryable());
-    // The fault fired once: the next snapshot works.
-    within(STEP, "VM.snapshot", ctx.session.vm().snapshot(&vm, "ok", &[]))
+    // Both wire protocols carry XAPI errors differently (JSON-RPC `error`, XML-RPC
+    // `Status: Failure`): the client must give the same typed error for each.
+    for protocol in [ProtocolChoice::JsonRpc, ProtocolChoice::XmlRpc] {
+        let mut options = ConnectOptions::new(TlsPolicy::Pinned(sim.fingerprint()));
+        options.protocol = protocol;
+        let session = within(
+            STEP,
+            "login",
+            Client::connect_with(
+                &sim.info.https_url,
+                Credentials::new(sim.info.user.clone(), sim.info.password.clone()),
+                options,
+            ),
+        )
         .await
         .unwrap();
+        let vms = session.vm().get_all_records().await.unwrap();
+        let vm = vms
+            .iter()
+            .find(|(_, v)| v.name_label == "vm-01")
+            .map(|(r, _)| r.clone())
+            .unwrap();
+        sim.control(
+            "POST",
+            "/_sim/faults/call",
+            serde_json::json!({"method": "VM.snapshot", "nth": 1, "error": ["SR_FULL", "4194304", "0"]}),
+        )
+        .await;
+        let err = within(STEP, "VM.snapshot", session.vm().snapshot(&vm, "full", &[]))
+            .await
+            .unwrap_err();
+        match &err {
+            Error::Xapi { method, error } => {
+                assert_eq!(method, "VM.snapshot", "{protocol:?}");
+                assert_eq!(error.code, ErrorCode::SrFull, "{protocol:?}");
+                assert_eq!(
+                    error.params,
+                    vec!["4194304".to_string(), "0".to_string()],
+                    "{protocol:?}"
+                );
+            }
+            other => panic!("{protocol:?}: expected Error::Xapi SR_FULL, got {other:?}"),
+        }
+        assert!(!err.is_retryable());
+        // The fault fired once: the next snapshot works.
+        within(STEP, "VM.snapshot", session.vm().snapshot(&vm, "ok", &[]))
+            .await
+            .unwrap();
 
-    // The same fault on the async form surfaces through the task.
-    sim.control(
-        "POST",
-        "/_sim/faults/call",
-        serde_json::json!({"method": "VM.snapshot", "error": ["SR_FULL", "1", "2"]}),
-    )
-    .await;
-    let err = within(
-        STEP,
-        "Async.VM.snapshot",
-        ctx.session
-            .vm()
-            .snapshot(&vm, "async", &[])
-            .run_async(&WaitOptions::with_timeout(STEP)),
-    )
-    .await
-    .unwrap_err();
-    let (code, params) = xapi_code(&err);
-    assert_eq!(code, &ErrorCode::SrFull);
-    assert_eq!(params, ["1", "2"]);
+        // The same fault on the async form surfaces through the task.
+        sim.control(
+            "POST",
+            "/_sim/faults/call",
+            serde_json::json!({"method": "VM.snapshot", "error": ["SR_FULL", "1", "2"]}),
+        )
+        .await;
+        let err = within(
+            STEP,
+            "Async.VM.snapshot",
+            session
+                .vm()
+                .snapshot(&vm, "async", &[])
+                .run_async(&WaitOptions::with_timeout(STEP)),
+        )
+        .await
+        .unwrap_err();
+        let (code, params) = xapi_code(&err);
+        assert_eq!(code, &ErrorCode::SrFull, "{protocol:?}");
+        assert_eq!(params, ["1", "2"], "{protocol:?}");
+
+        // A full SR (the sr-full switch) refuses snapshots the same way.
+        sim.control(
+            "POST",
+            "/_sim/faults/sr-full",
+            serde_json::json!({"on": true}),
+        )
+        .await;
+        let err = within(
+            STEP,
+            "VM.snapshot",
+            session.vm().snapshot(&vm, "no room", &[]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(xapi_code(&err).0, &ErrorCode::SrFull, "{protocol:?}: {err}");
+        sim.control("POST", "/_sim/faults/reset", serde_json::json!({}))
+            .await;
+        session.logout().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +144,10 @@ async fn cut_streams_fail_with_the_simulators_error() {
     )
     .await;
     let f = ctx
-        .fetch("/export_raw_vdi", &[("vdi", vdi.uuid.as_str()), ("format", "raw")])
+        .fetch(
+            "/export_raw_vdi",
+            &[("vdi", vdi.uuid.as_str()), ("format", "raw")],
+        )
         .await;
     if let Ok(body) = &f.body {
         assert_eq!(body.len(), 1_000_000, "a cut stream ends where it was cut");
@@ -140,7 +188,7 @@ async fn cut_streams_fail_with_the_simulators_error() {
     )
     .await;
     let err = ctx
-        .nbd_read(&vdi_ref, vec![0..(1 << 20)], 1)
+        .nbd_read(&vdi_ref, std::iter::once(0..(1 << 20)).collect(), 1)
         .await
         .expect_err("an NBD stream cut mid-reply must fail");
     eprintln!("NBD cut: {err}");
@@ -292,13 +340,7 @@ async fn expired_session_logs_in_again_and_http_401_is_an_auth_error() {
     ctx.export_raw(&vdi).await;
 
     // HTTP without any session: 401 too.
-    let mut url = handler_url(
-        &ctx.session.base_url(),
-        "/export_raw_vdi",
-        "",
-        None,
-        &[],
-    );
+    let mut url = handler_url(&ctx.session.base_url(), "/export_raw_vdi", "", None, &[]);
     url.set_query(Some(&format!("vdi={}&format=raw", vdi.uuid)));
     let err = within(STEP, "GET without a session", ctx.transfer.get(url))
         .await
@@ -341,10 +383,7 @@ async fn host_is_slave_is_followed_to_the_coordinator() {
         .await;
         let base = ctx.session.base_url();
         assert_eq!(base.port(), Some(port(&coordinator[key])), "{key}");
-        assert_eq!(
-            base.scheme(),
-            if key == "url" { "http" } else { "https" }
-        );
+        assert_eq!(base.scheme(), if key == "url" { "http" } else { "https" });
         assert!(!ctx.session.vm().get_all().await.unwrap().is_empty());
         assert_eq!(ctx.session.relogin_count(), 0);
     }
@@ -364,9 +403,13 @@ async fn host_is_slave_is_followed_to_the_coordinator() {
         serde_json::json!({"all": true}),
     )
     .await;
-    let vms = within(STEP, "VM.get_all after the move", ctx.session.vm().get_all())
-        .await
-        .unwrap();
+    let vms = within(
+        STEP,
+        "VM.get_all after the move",
+        ctx.session.vm().get_all(),
+    )
+    .await
+    .unwrap();
     assert!(!vms.is_empty());
     assert_eq!(ctx.session.base_url().port(), Some(port(&member["url"])));
     assert_eq!(ctx.session.relogin_count(), 1);
@@ -419,7 +462,8 @@ async fn wrong_password_and_wrong_pin_are_refused() {
 
     // The data plane refuses the same way.
     let ctx = Ctx::https(&sim).await;
-    let transfer = HttpTransfer::new(&TlsPolicy::Pinned(wrong), TransferOptions::default()).unwrap();
+    let transfer =
+        HttpTransfer::new(&TlsPolicy::Pinned(wrong), TransferOptions::default()).unwrap();
     let url = handler_url(
         &ctx.session.base_url(),
         "/export_raw_vdi",
@@ -456,7 +500,10 @@ async fn exporting_a_running_vm_is_vm_bad_power_state() {
             assert!(*status >= 400, "status {status}");
             assert!(task_id.is_some(), "the refusal names its task");
         }
-        other => panic!("expected an HTTP status error, got {:?}", other.as_ref().map(Vec::len)),
+        other => panic!(
+            "expected an HTTP status error, got {:?}",
+            other.as_ref().map(Vec::len)
+        ),
     }
     let err = f.task.expect_err("the export task must fail");
     let (code, params) = xapi_code(&err);
@@ -486,9 +533,76 @@ async fn chunked_import_is_refused() {
     )
     .await;
     assert_eq!(status, 403);
-    let err = within(STEP, "import task", task.wait(&WaitOptions::with_timeout(STEP)))
-        .await
-        .unwrap_err();
+    sim.control("POST", "/_sim/faults/reset", serde_json::json!({}))
+        .await;
+    let err = within(
+        STEP,
+        "import task",
+        task.wait(&WaitOptions::with_timeout(STEP)),
+    )
+    .await
+    .unwrap_err();
     let (code, _) = xapi_code(&err);
     assert_eq!(code.as_str(), "IMPORT_ERROR_CANNOT_HANDLE_CHUNKED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_import_fails_its_task_and_leaves_no_vm() {
+    let sim = sim(&[]);
+    let ctx = Ctx::http(&sim).await;
+    let (vm, _) = ctx.vm("vm-02").await;
+    let xva = ctx.fetch_ok("/export", &[("ref", vm.as_str())]).await;
+    assert!(xva.len() > 300_000);
+    let vms_before = ctx.session.vm().get_all().await.unwrap().len();
+
+    sim.control(
+        "POST",
+        "/_sim/faults/stream",
+        // Not `times: 1`: our PUT first sends an empty-body probe for redirects, which is
+        // an import stream of its own and would use the fault up.
+        serde_json::json!({"handler": "import", "cut_after": 200_000}),
+    )
+    .await;
+    let task = ctx.session.create_task("cut import", "").await.unwrap();
+    let url = handler_url(
+        &ctx.session.base_url(),
+        "/import",
+        ctx.session.session_ref().expose(),
+        Some(task.id()),
+        &[],
+    );
+    let len = xva.len() as u64;
+    let body = futures::stream::iter(
+        xva.chunks(64 << 10)
+            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    );
+    let upload = within(STEP, "cut upload", ctx.transfer.put(url, body, len)).await;
+    eprintln!("cut upload: {:?}", upload.as_ref().map(|u| u.bytes_sent));
+    if let Err(e) = &upload {
+        assert!(
+            matches!(
+                e,
+                HttpError::Upload { .. } | HttpError::Request { .. } | HttpError::BodyRead { .. }
+            ),
+            "{e:?}"
+        );
+    }
+    sim.control("POST", "/_sim/faults/reset", serde_json::json!({}))
+        .await;
+    let err = within(
+        STEP,
+        "import task",
+        task.wait(&WaitOptions::with_timeout(STEP)),
+    )
+    .await
+    .unwrap_err();
+    let (code, params) = xapi_code(&err);
+    assert_eq!(code, &ErrorCode::VdiIoError, "{err}");
+    assert!(params[0].contains("cut after"), "{params:?}");
+    assert_eq!(
+        ctx.session.vm().get_all().await.unwrap().len(),
+        vms_before,
+        "a failed import leaves no VM behind"
+    );
 }

@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use client_support::{Ctx, STEP, SimProc, apply, within};
 use xenvault_xapi::cbt::ChangedBlocks;
 use xenvault_xapi::nbd::client::{NbdConnection, NbdError, NbdTls};
+use xenvault_xapi::tls::Fingerprint;
 
 const DISK: u64 = 8 << 20;
 
@@ -46,20 +47,21 @@ async fn incremental_over_nbd(purpose: &str) {
         .await
         .unwrap();
     let changed = ChangedBlocks::from_base64(&text, DISK).unwrap();
-    assert_eq!(
-        changed.changed_blocks().collect::<BTreeSet<u64>>(),
-        written
-    );
+    assert_eq!(changed.changed_blocks().collect::<BTreeSet<u64>>(), written);
     let raw_a = ctx.export_raw(&a).await;
     let raw_b = ctx.export_raw(&b).await;
 
     // The options follow the pool's purpose: TLS pinned to XAPI's certificate, or plain.
     let options = ctx.nbd_options(&b_ref).await;
     match purpose {
-        "nbd" => assert!(
-            matches!(options.tls, NbdTls::PinnedPem(_)),
-            "TLS options for purpose nbd"
-        ),
+        "nbd" => match &options.tls {
+            // The certificate XAPI hands out is the one the pool presents.
+            NbdTls::PinnedPem(pem) => assert_eq!(
+                Fingerprint::of_pem(pem).unwrap().to_string(),
+                sim.info.fingerprint
+            ),
+            other => panic!("TLS options for purpose nbd: {other:?}"),
+        },
         _ => assert!(matches!(options.tls, NbdTls::Off), "plain for insecure_nbd"),
     }
 
@@ -73,7 +75,10 @@ async fn incremental_over_nbd(purpose: &str) {
     assert_eq!(read, changed.changed_bytes());
     let mut image = raw_a.clone();
     apply(&mut image, &extents);
-    assert!(image == raw_b, "A + NBD reads of the changed blocks differs from B");
+    assert!(
+        image == raw_b,
+        "A + NBD reads of the changed blocks differs from B"
+    );
 
     // Exactly the changed bytes were read from B, nothing from A.
     assert_eq!(
@@ -96,8 +101,7 @@ async fn incremental_over_nbd(purpose: &str) {
     };
     let err = within(STEP, "NBD connect", NbdConnection::connect(&wrong))
         .await
-        .err()
-        .expect("the wrong TLS mode must be refused");
+        .expect_err("the wrong TLS mode must be refused");
     eprintln!("{purpose}, wrong TLS mode: {err}");
     match purpose {
         // Options in clear get NBD_REP_ERR_TLS_REQD (or EXPORT_NAME in clear: closed).

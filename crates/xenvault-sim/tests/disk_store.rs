@@ -418,3 +418,27 @@ fn cbt_bitmap_decodes_with_the_client_codec() {
     }
     assert_eq!(blocks, written);
 }
+
+#[test]
+fn a_lost_cbt_log_disables_cbt_instead_of_failing_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = DiskStore::open(dir.path()).unwrap();
+        s.create("v", "sr", MIB).unwrap();
+        s.enable_cbt("v").unwrap();
+        s.snapshot("v", "s1").unwrap();
+    }
+    std::fs::remove_file(dir.path().join("cbt").join("s1.cbtlog")).unwrap();
+    let s = DiskStore::open(dir.path()).unwrap();
+    assert!(!s.cbt_enabled("s1"));
+    assert!(s.cbt_enabled("v"));
+    assert_eq!(s.cbt_links("v"), Some((None, None)));
+    assert_eq!(
+        s.list_changed_blocks("s1", "v").unwrap_err().xapi_error().0,
+        "SR_BACKEND_FAILURE_460"
+    );
+    // A damaged metadata file is a clear error, not a panic.
+    std::fs::write(dir.path().join("store.json"), b"{ not json").unwrap();
+    let e = DiskStore::open(dir.path()).unwrap_err();
+    assert!(matches!(e, DiskError::Corrupt { .. }), "{e}");
+}

@@ -121,15 +121,15 @@ fn write_raw(
         let len = RAW_PIECE.min(size - off);
         let first = off / CBT_BLOCK_SIZE;
         let last = (off + len - 1) / CBT_BLOCK_SIZE;
-        // A recycled piece, filled from the disk (holes read as zeros), handed over
-        // without another copy.
-        let mut piece = out.buffer(len as usize);
+        // Unallocated runs go out as zeros from a static buffer; others are read into a
+        // recycled piece (holes inside it read as zeros) handed over without a copy.
         if (first..=last).any(|b| alloc.get(b)) {
+            let mut piece = out.buffer(len as usize);
             read(disks, uuid, off, &mut piece)?;
+            out.send_vec(piece).map_err(io_api_error)?;
         } else {
-            piece.fill(0);
+            out.send_zeros(len as usize).map_err(io_api_error)?;
         }
-        out.send_vec(piece).map_err(io_api_error)?;
         progress.advance(len)?;
         off += len;
     }

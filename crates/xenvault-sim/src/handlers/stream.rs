@@ -19,10 +19,31 @@ const PIPE_DEPTH: usize = 8;
 /// Size of the pieces a [`PipeWriter`] sends.
 pub const PIPE_PIECE: usize = 1 << 20;
 
+/// Zeros for holes, written straight from here (no allocation, no copy).
+static ZEROS: [u8; ZERO_RUN] = [0; ZERO_RUN];
+const ZERO_RUN: usize = 4 << 20;
+
+/// What travels from the producer to the socket.
+pub(crate) enum Piece {
+    /// These bytes.
+    Bytes(Vec<u8>),
+    /// This many zero bytes.
+    Zeros(usize),
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Bytes(b) => b.len(),
+            Piece::Zeros(n) => *n,
+        }
+    }
+}
+
 /// A `std::io::Write` that hands its bytes to the async side in pieces. Writing fails
 /// with `BrokenPipe` once the async side is gone (client disconnected, stream cut).
 pub struct PipeWriter {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Piece>,
     buf: Vec<u8>,
     /// Pieces the socket side has written, handed back for reuse.
     spent: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -35,7 +56,7 @@ impl PipeWriter {
         }
         let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIPE_PIECE));
         self.tx
-            .blocking_send(piece)
+            .blocking_send(Piece::Bytes(piece))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the HTTP client is gone"))
     }
 }
@@ -57,7 +78,15 @@ impl PipeWriter {
     pub fn send_vec(&mut self, piece: Vec<u8>) -> io::Result<()> {
         self.push()?;
         self.tx
-            .blocking_send(piece)
+            .blocking_send(Piece::Bytes(piece))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the HTTP client is gone"))
+    }
+
+    /// Sends `len` zero bytes without materialising them.
+    pub fn send_zeros(&mut self, len: usize) -> io::Result<()> {
+        self.push()?;
+        self.tx
+            .blocking_send(Piece::Zeros(len))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the HTTP client is gone"))
     }
 }
@@ -65,9 +94,11 @@ impl PipeWriter {
 impl Write for PipeWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.buf.is_empty() && data.len() >= PIPE_PIECE {
-            self.tx.blocking_send(data.to_vec()).map_err(|_| {
-                io::Error::new(io::ErrorKind::BrokenPipe, "the HTTP client is gone")
-            })?;
+            self.tx
+                .blocking_send(Piece::Bytes(data.to_vec()))
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::BrokenPipe, "the HTTP client is gone")
+                })?;
             return Ok(data.len());
         }
         let n = data.len().min(PIPE_PIECE - self.buf.len());
@@ -134,9 +165,15 @@ impl Progress {
         }
     }
 
-    /// Counts `n` more bytes done.
+    /// Counts `n` more bytes done. The task's progress moves by whole percents, at most
+    /// every 200 ms (each update is a database change that event.from watchers see; xapi
+    /// itself updates export progress at most every 10 s).
     pub fn advance(&mut self, n: u64) -> Result<(), ApiError> {
         self.done += n;
+        if self.last_check.elapsed() < Duration::from_millis(200) {
+            return Ok(());
+        }
+        self.last_check = Instant::now();
         if let Some(pct) = (self.done.min(self.total) * 100).checked_div(self.total)
             && pct > self.last_percent
         {
@@ -145,11 +182,8 @@ impl Progress {
             self.pool
                 .task_set_progress(&self.task, (pct as f64 / 100.0).min(0.99));
         }
-        if self.last_check.elapsed() > Duration::from_millis(200) {
-            self.last_check = Instant::now();
-            if self.pool.task_is_cancelling(&self.task) {
-                return Err(ApiError::new("TASK_CANCELLED", [self.task.as_str()]));
-            }
+        if self.pool.task_is_cancelling(&self.task) {
+            return Err(ApiError::new("TASK_CANCELLED", [self.task.as_str()]));
         }
         Ok(())
     }
@@ -218,7 +252,7 @@ pub(crate) async fn send_stream<F>(
 where
     F: FnOnce(&mut PipeWriter) -> Result<String, ApiError> + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIPE_DEPTH);
+    let (tx, mut rx) = mpsc::channel::<Piece>(PIPE_DEPTH);
     let (spent_tx, spent) = std::sync::mpsc::channel::<Vec<u8>>();
     let producer = tokio::task::spawn_blocking(move || {
         let mut w = PipeWriter {
@@ -234,16 +268,30 @@ where
     });
     let mut pacer = Pacer::new(pool.faults.stream(handler));
     let mut client_error: Option<io::Error> = None;
+    let counter = format!("bytes/{handler}");
     while let Some(piece) = rx.recv().await {
         let allowed = pacer.allowance(piece.len());
-        if allowed > 0
-            && let Err(e) = conn.write_all(&piece[..allowed]).await
-        {
+        let written = match &piece {
+            Piece::Bytes(b) => conn.write_all(&b[..allowed]).await,
+            Piece::Zeros(_) => {
+                let mut left = allowed;
+                let mut r = Ok(());
+                while left > 0 && r.is_ok() {
+                    let n = left.min(ZERO_RUN);
+                    r = conn.write_all(&ZEROS[..n]).await;
+                    left -= n;
+                }
+                r
+            }
+        };
+        if let Err(e) = written {
             client_error = Some(e);
             break;
         }
-        pool.stats.add(&format!("bytes/{handler}"), allowed as u64);
-        let _ = spent_tx.send(piece);
+        pool.stats.add(&counter, allowed as u64);
+        if let Piece::Bytes(b) = piece {
+            let _ = spent_tx.send(b);
+        }
         pacer.passed(allowed).await;
         if pacer.is_cut() {
             break;

@@ -19,8 +19,8 @@ use xenvault_formats::vhd::{DiskType, ParentInfo, VhdDecoder};
 use xenvault_formats::xva::{OvaXml, XvaDecoder, XvaEvent};
 use xenvault_types::{Extent, ExtentData};
 use xenvault_xapi::error::Error;
-use xenvault_xapi::nbd::client::{NbdError, NbdMultiReader, NbdOptions, NbdTls};
 use xenvault_xapi::http::{HttpError, HttpTransfer, TransferOptions, handler_url};
+use xenvault_xapi::nbd::client::{NbdError, NbdMultiReader, NbdOptions, NbdTls};
 use xenvault_xapi::records::{NetworkPurpose, Task, VbdType, Vdi, VdiRef, Vm, VmRef};
 use xenvault_xapi::session::{Client, Credentials, Session};
 use xenvault_xapi::task::WaitOptions;
@@ -145,7 +145,10 @@ impl SimProc {
             serde_json::Value::Null
         } else {
             serde_json::from_slice(&reply).unwrap_or_else(|e| {
-                panic!("{path}: not JSON ({e}): {}", String::from_utf8_lossy(&reply))
+                panic!(
+                    "{path}: not JSON ({e}): {}",
+                    String::from_utf8_lossy(&reply)
+                )
             })
         };
         (status, json)
@@ -182,7 +185,9 @@ impl SimProc {
 
     /// A counter of `GET /_sim/stats` (`group`, `name`), 0 if absent.
     pub async fn stat(&self, group: &str, name: &str) -> u64 {
-        let stats = self.control("GET", "/_sim/stats", serde_json::Value::Null).await;
+        let stats = self
+            .control("GET", "/_sim/stats", serde_json::Value::Null)
+            .await;
         stats[group][name].as_u64().unwrap_or(0)
     }
 }
@@ -319,9 +324,13 @@ impl Ctx {
 
     /// Snapshots `vm` and clears the template flag; returns the snapshot.
     pub async fn snapshot(&self, vm: &VmRef, name: &str) -> VmRef {
-        let snap = within(STEP, "VM.snapshot", self.session.vm().snapshot(vm, name, &[]))
-            .await
-            .unwrap();
+        let snap = within(
+            STEP,
+            "VM.snapshot",
+            self.session.vm().snapshot(vm, name, &[]),
+        )
+        .await
+        .unwrap();
         self.session
             .vm()
             .set_is_a_template(&snap, false)
@@ -423,7 +432,8 @@ impl Ctx {
         let networks = self.session.network().get_all_records().await.unwrap();
         let purposes: Vec<NetworkPurpose> =
             networks.values().flat_map(|n| n.purpose.clone()).collect();
-        if purposes.contains(&NetworkPurpose::InsecureNbd) && !purposes.contains(&NetworkPurpose::Nbd)
+        if purposes.contains(&NetworkPurpose::InsecureNbd)
+            && !purposes.contains(&NetworkPurpose::Nbd)
         {
             options.tls = NbdTls::Off;
         }
