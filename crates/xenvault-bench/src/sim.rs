@@ -214,7 +214,7 @@ async fn measure(sim: &Simulator, args: &SimArgs, work: &Path) -> anyhow::Result
             best: best_of(args.runs, || async {
                 let t0 = Instant::now();
                 let reader = NbdMultiReader::connect(&options, connections).await?;
-                let mut extents = reader.read_ranges([0..size]);
+                let mut extents = reader.read_ranges(std::iter::once(0..size));
                 let mut n = 0u64;
                 while let Some(extent) = extents.next().await {
                     n += extent?.len();

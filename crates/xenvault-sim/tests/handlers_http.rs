@@ -551,6 +551,10 @@ async fn raw_imports_plain_chunked_and_new_vdi() {
         .to_string();
     let rec = pool.db().get("VDI", &vdi).unwrap().clone();
     assert_eq!(rec.str_of("name_label"), "Imported VDI");
+    // SM rounds the size up to 2 MiB: 3 MiB of data in a 4 MiB VDI.
+    assert_eq!(rec.int_of("virtual_size") as u64, 4 * MIB);
+    let mut data = data;
+    data.resize((4 * MIB) as usize, 0);
     assert_eq!(disk_bytes(&pool, rec.str_of("uuid")), data);
 
     // `chunked` query framing onto that VDI: two pieces, then {0,0}.
@@ -799,4 +803,112 @@ async fn import_with_xo_fake_length_finishes_at_the_tar_end() {
     let (status, _, err) = task(&pool, &t);
     assert_eq!(status, "success", "{err:?}");
     sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_cancel_stops_a_running_export() {
+    let sim = start(2, DISK, "insecure_nbd").await;
+    let pool = sim.pool().clone();
+    let vm = vm_by_name(&pool, "vm-02");
+    let (vdi, _, _) = vm_disk(&pool, &vm);
+    // 2 MiB/s over 8 MiB: about 4 s unless cancelled.
+    pool.faults.set_stream_fault(
+        "export_raw_vdi",
+        StreamFault {
+            cut_after: None,
+            bytes_per_sec: Some(2 * MIB),
+            times: Some(1),
+        },
+    );
+    let t = pool.task_create("t", "");
+    let (addr, session, t2) = (sim.addr, sim.session.clone(), t.clone());
+    let download = tokio::spawn(async move {
+        get(
+            addr,
+            &format!("/export_raw_vdi?session_id={session}&vdi={vdi}&task_id={t2}"),
+        )
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    rpc(sim.addr, "task.cancel", vec![s(&sim.session), s(&t)])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = download.await.unwrap();
+    assert!(
+        started.elapsed().as_secs_f64() < 2.0,
+        "the cancel did not stop the stream"
+    );
+    assert!((r.body.len() as u64) < DISK);
+    let (status, _, err) = task(&pool, &t);
+    assert_eq!(status, "cancelled", "{err:?}");
+    assert_eq!(err, vec!["TASK_CANCELLED".to_string(), t.clone()]);
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_of_a_member_local_sr_are_redirected_to_the_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = xenvault_sim::SimConfig::new(dir.path().join("state"));
+    cfg.scenario =
+        xenvault_sim::scenario::Scenario::from_flags(&xenvault_sim::scenario::FlagScenario {
+            vms: 2,
+            disk_size: 4 * MIB,
+            written: 0.25,
+            hosts: 2,
+            nbd_purpose: "insecure_nbd".into(),
+        });
+    let sim = xenvault_sim::Simulator::start(cfg).await.unwrap();
+    let pool = sim.pool.clone();
+    let coordinator = pool.coordinator();
+    let addr: std::net::SocketAddr = sim.info.url.trim_start_matches("http://").parse().unwrap();
+    let session = pool.new_session("root", "t", &coordinator);
+    let vm = vm_by_name(&pool, "vm-02"); // on the member, its disk on the member's local SR
+    let (vdi, uuid, _) = vm_disk(&pool, &vm);
+    let member = pool
+        .db()
+        .all("host")
+        .into_iter()
+        .find(|h| *h != coordinator)
+        .unwrap();
+    let ep = pool.endpoint(&member).unwrap();
+
+    let t = pool.task_create("t", "");
+    let target = format!("/export_raw_vdi?session_id={session}&vdi={vdi}&task_id={t}");
+    let r = get(addr, &target).await;
+    assert_eq!(r.status(), 302);
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("https://127.0.0.1:{}{target}", ep.https.port())
+    );
+    assert_eq!(
+        task(&pool, &t).0,
+        "pending",
+        "the redirect leaves the task to the member"
+    );
+    // The member serves it (its plain port here; the Location names its HTTPS one).
+    let r = get(ep.http, &target).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.body, disk_bytes(&pool, &uuid));
+    assert_eq!(task(&pool, &t).0, "success");
+    // /export of the VM and an upload to the VDI are redirected too; the coordinator's own
+    // disks are not.
+    let r = get(addr, &format!("/export?session_id={session}&ref={vm}")).await;
+    assert_eq!(r.status(), 302);
+    let r = put(
+        addr,
+        &format!("/import_raw_vdi?session_id={session}&vdi={vdi}"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 302);
+    let local = vm_by_name(&pool, "vm-01");
+    let (local_vdi, _, _) = vm_disk(&pool, &local);
+    let r = get(
+        addr,
+        &format!("/export_raw_vdi?session_id={session}&vdi={local_vdi}"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    sim.shutdown().await.unwrap();
 }

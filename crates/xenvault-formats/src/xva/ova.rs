@@ -330,7 +330,6 @@ pub struct OvaBuilder {
     pub with_snapshot_metadata: bool,
 }
 
-
 struct Table {
     ids: HashMap<String, String>,
     order: Vec<(&'static str, String)>,

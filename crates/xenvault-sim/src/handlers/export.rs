@@ -13,7 +13,7 @@ use xenvault_formats::xva::{
 use xenvault_types::{Extent, Value};
 
 use super::stream::{PipeWriter, Progress, io_api_error, send_stream};
-use super::{begin, fail_early, host_xapi_version, resolve};
+use super::{begin, begin_on_srs, fail_early, host_xapi_version, resolve};
 use crate::db::{Db, Fields};
 use crate::disk::{CBT_BLOCK_SIZE, DiskStore};
 use crate::error::ApiError;
@@ -98,6 +98,18 @@ pub(crate) fn export_records(db: &Db, vm: &str) -> Result<ExportRecords, ApiErro
             }
         }
     }
+    // The suspend image, which `preserve_power_state=true` exports with a suspended VM.
+    let suspend = vm_rec.str_of("suspend_VDI").to_string();
+    if let Ok(vdi_rec) = db.get("VDI", &suspend)
+        && !out.vdis.iter().any(|(r, _)| *r == suspend)
+    {
+        let sr = vdi_rec.str_of("SR").to_string();
+        out.vdis
+            .push((suspend.clone(), db.record_value("VDI", &suspend)?));
+        if db.exists("SR", &sr) && !out.srs.iter().any(|(r, _)| *r == sr) {
+            out.srs.push((sr.clone(), db.record_value("SR", &sr)?));
+        }
+    }
     for vif in vm_rec.strs_of("VIFs") {
         let Ok(rec) = db.get("VIF", &vif) else {
             continue;
@@ -146,6 +158,28 @@ fn vm_of_request(pool: &Pool, req: &Request) -> Result<String, ApiError> {
     Err(ApiError::internal(
         "missing ref or uuid parameter (export?ref=<VM ref> or ?uuid=<VM uuid>)",
     ))
+}
+
+/// The SRs of the VM's disks (xen-api export.ml `check_vm_host_SRs`).
+fn srs_of_vm(pool: &Pool, vm: &str) -> Vec<String> {
+    let db = pool.db();
+    let Ok(rec) = db.get("VM", vm) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for vbd in rec.strs_of("VBDs") {
+        let Ok(b) = db.get("VBD", &vbd) else { continue };
+        if b.bool_of("empty") {
+            continue;
+        }
+        if let Ok(v) = db.get("VDI", b.str_of("VDI")) {
+            let sr = v.str_of("SR").to_string();
+            if !out.contains(&sr) {
+                out.push(sr);
+            }
+        }
+    }
+    out
 }
 
 fn check_exportable(pool: &Pool, vm: &str) -> Result<(), ApiError> {
@@ -236,7 +270,13 @@ fn write_xva(
 
 /// `GET /export?ref=|uuid=&use_compression=&preserve_power_state=&task_id=`.
 pub async fn handle_export(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOutcome {
-    let Some(begun) = begin(&pool, &req, &mut conn, "VM.export").await? else {
+    let Some(begun) = begin_on_srs(&pool, &req, &mut conn, "VM.export", |p| {
+        vm_of_request(p, &req)
+            .map(|vm| srs_of_vm(p, &vm))
+            .unwrap_or_default()
+    })
+    .await?
+    else {
         return Ok(None);
     };
     let task = begun.task.clone();

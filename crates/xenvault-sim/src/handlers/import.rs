@@ -10,7 +10,7 @@ use xenvault_formats::xva::{OvaXml, XvaDecoder, XvaDecoderOptions, XvaError, Xva
 use xenvault_types::{ExtentData, Value};
 
 use super::stream::{BodyEnd, BodyLen, PipeReader, Progress, io_api_error, receive_stream};
-use super::{begin, fail_early, flag, host_xapi_version, resolve};
+use super::{begin_on_srs, fail_early, flag, host_xapi_version, resolve};
 use crate::datamodel::{NULL_REF, Type};
 use crate::db::Fields;
 use crate::error::ApiError;
@@ -258,6 +258,8 @@ impl ImportJob {
                 .and_then(|v| v.as_i64().ok())
                 .unwrap_or(0)
                 .max(0) as u64;
+            // SM rounds VDI sizes up to 2 MiB on VHD SRs (xapi-facts §5.3).
+            let size = crate::api::vdi::round_size(size);
             let mut f = self.fields("VDI", &o.snapshot, &ids);
             f.retain(|(k, _)| k != "SR" && k != "snapshot_of" && k != "is_a_snapshot");
             f.push(("uuid".into(), Value::str(&uuid)));
@@ -449,7 +451,18 @@ fn random_mac() -> String {
 
 /// `PUT /import?sr_id=|sr_uuid=&restore=&force=&task_id=`.
 pub async fn handle_import(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOutcome {
-    let Some(begun) = begin(&pool, &req, &mut conn, "VM.import").await? else {
+    let Some(begun) = begin_on_srs(&pool, &req, &mut conn, "VM.import", |p| {
+        let sr = if let Some(s) = req.param("sr_id") {
+            p.db().resolve("SR", &s).ok()
+        } else if let Some(u) = req.param("sr_uuid") {
+            p.db().find_by_uuid("SR", &u)
+        } else {
+            Some(p.default_sr())
+        };
+        sr.into_iter().collect()
+    })
+    .await?
+    else {
         return Ok(None);
     };
     let task = begun.task.clone();

@@ -56,6 +56,21 @@ pub(crate) async fn begin(
     conn: &mut Conn,
     label: &str,
 ) -> io::Result<Option<Begun>> {
+    begin_on_srs(pool, req, conn, label, |_| Vec::new()).await
+}
+
+/// Like [`begin`], for handlers whose data lives on SRs (`srs` lists them, from the
+/// request): when the host that got the request cannot see them all (a member's local
+/// SR) and another host can, the client is sent there with `302 Found` and `None` is
+/// returned; the task is left alone, as xapi does.
+/// [xen-api: ocaml/xapi/importexport.ml `return_302_redirect`; export.ml `handler`]
+pub(crate) async fn begin_on_srs(
+    pool: &Arc<Pool>,
+    req: &Request,
+    conn: &mut Conn,
+    label: &str,
+    srs: impl FnOnce(&Pool) -> Vec<String>,
+) -> io::Result<Option<Begun>> {
     let Some(session) = pool.authenticate_http(req) else {
         // xen-api ocaml/xapi/xapi_http.ml `with_context`: fail the task, answer 401.
         if let Some(t) = req.param("task_id")
@@ -67,11 +82,80 @@ pub(crate) async fn begin(
         conn.send(&Response::unauthorized()).await?;
         return Ok(None);
     };
+    let srs = srs(pool);
+    if let Some(location) = redirect_location(pool, req, &srs) {
+        tracing::info!(path = %req.path, "redirecting to the host that sees the SR");
+        pool.stats.add("http/redirects", 1);
+        conn.send(
+            &Response::new(302, "Found")
+                .header("Location", location)
+                .header("Connection", "close"),
+        )
+        .await?;
+        drop(session);
+        return Ok(None);
+    }
     let task = pool.http_task(req, label);
     Ok(Some(Begun {
         _session: session,
         task,
     }))
+}
+
+/// Whether `host` has a plugged PBD to `sr`.
+fn host_sees(pool: &Pool, host: &str, sr: &str) -> bool {
+    pool.db().rows("PBD").any(|(_, p)| {
+        p.str_of("host") == host && p.str_of("SR") == sr && p.bool_of("currently_attached")
+    })
+}
+
+/// `https://<address>:<https port><path>?<query>` of a host that sees every SR in `srs`,
+/// when the request's host does not. The port is added because every simulated host is
+/// 127.0.0.1 (xapi sends the bare address; docs/simulator.md).
+fn redirect_location(pool: &Pool, req: &Request, srs: &[String]) -> Option<String> {
+    let srs: Vec<&String> = srs.iter().filter(|s| pool.db().exists("SR", s)).collect();
+    if srs.is_empty() || srs.iter().all(|sr| host_sees(pool, &req.host, sr)) {
+        return None;
+    }
+    let hosts = pool.db().all("host");
+    let target = hosts
+        .into_iter()
+        .find(|h| *h != req.host && srs.iter().all(|sr| host_sees(pool, h, sr)))?;
+    let ep = pool.endpoint(&target)?;
+    let address = pool
+        .db()
+        .get("host", &target)
+        .map(|r| r.str_of("address").to_string())
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| ep.https.ip().to_string());
+    let address = if address.contains(':') && !address.starts_with('[') {
+        format!("[{address}]")
+    } else {
+        address
+    };
+    Some(format!(
+        "https://{address}:{}{}",
+        ep.https.port(),
+        req.target
+    ))
+}
+
+/// The SR of the VDI a parameter names (ref or uuid), if any.
+pub(crate) fn sr_of_vdi_param(pool: &Pool, req: &Request, name: &str) -> Vec<String> {
+    let Some(v) = req.param(name) else {
+        return Vec::new();
+    };
+    let db = pool.db();
+    db.resolve("VDI", &v)
+        .ok()
+        .and_then(|r| {
+            db.get("VDI", &r)
+                .ok()
+                .map(|rec| rec.str_of("SR").to_string())
+        })
+        .into_iter()
+        .collect()
 }
 
 /// Fails the task and answers `status` before any `200` was sent (xapi's `Http_svr`

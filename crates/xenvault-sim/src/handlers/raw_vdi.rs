@@ -18,7 +18,7 @@ use xenvault_types::{ExtentData, Value};
 use super::stream::{
     BodyEnd, BodyLen, PipeReader, PipeWriter, Progress, io_api_error, receive_stream, send_stream,
 };
-use super::{Dom0Vbd, begin, fail_early, resolve};
+use super::{Dom0Vbd, begin_on_srs, fail_early, resolve};
 use crate::db::Fields;
 use crate::disk::{BlockBitmap, CBT_BLOCK_SIZE, DiskError, DiskStore};
 use crate::error::ApiError;
@@ -240,7 +240,11 @@ fn write_tar(
 
 /// `GET /export_raw_vdi?vdi=&format=raw|vhd|tar&base=&task_id=`.
 pub async fn handle_export(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOutcome {
-    let Some(begun) = begin(&pool, &req, &mut conn, "VDI.export_raw_vdi").await? else {
+    let Some(begun) = begin_on_srs(&pool, &req, &mut conn, "VDI.export_raw_vdi", |p| {
+        super::sr_of_vdi_param(p, &req, "vdi")
+    })
+    .await?
+    else {
         return Ok(None);
     };
     let task = begun.task.clone();
@@ -488,7 +492,18 @@ fn import_vhd(
 /// `PUT /import_raw_vdi?vdi=&format=raw|vhd&chunked&task_id=` (or `sr_id=` + raw +
 /// `Content-Length` for a new VDI).
 pub async fn handle_import(pool: Arc<Pool>, req: Request, mut conn: Conn) -> HandlerOutcome {
-    let Some(begun) = begin(&pool, &req, &mut conn, "VDI.import_raw_vdi").await? else {
+    let Some(begun) = begin_on_srs(&pool, &req, &mut conn, "VDI.import_raw_vdi", |p| {
+        let mut srs = super::sr_of_vdi_param(p, &req, "vdi");
+        if srs.is_empty()
+            && let Some(sr) = req.param("sr_id")
+            && let Ok(r) = p.db().resolve("SR", &sr)
+        {
+            srs.push(r);
+        }
+        srs
+    })
+    .await?
+    else {
         return Ok(None);
     };
     let task = begun.task.clone();
@@ -615,6 +630,8 @@ fn new_import_vdi(
         let db = pool.db();
         crate::api::storage::check_space(pool, &db, &sr, size).map_err(|e| (e, 500))?;
     }
+    // SM rounds VDI sizes up to 2 MiB on VHD SRs (xapi-facts §5.3).
+    let size = crate::api::vdi::round_size(size);
     let uuid = uuid::Uuid::new_v4().to_string();
     let sr_uuid = pool
         .db()

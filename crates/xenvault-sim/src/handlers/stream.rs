@@ -268,31 +268,50 @@ where
     });
     let mut pacer = Pacer::new(pool.faults.stream(handler));
     let mut client_error: Option<io::Error> = None;
+    let mut cancelled = false;
     let counter = format!("bytes/{handler}");
-    while let Some(piece) = rx.recv().await {
+    // Throttled streams go out in small slices, so the rate is smooth and a cancel or a
+    // cut lands between slices.
+    let slice = if pacer.fault.bytes_per_sec.is_some() {
+        64 * 1024
+    } else {
+        usize::MAX
+    };
+    'pieces: while let Some(piece) = rx.recv().await {
         let allowed = pacer.allowance(piece.len());
-        let written = match &piece {
-            Piece::Bytes(b) => conn.write_all(&b[..allowed]).await,
-            Piece::Zeros(_) => {
-                let mut left = allowed;
-                let mut r = Ok(());
-                while left > 0 && r.is_ok() {
-                    let n = left.min(ZERO_RUN);
-                    r = conn.write_all(&ZEROS[..n]).await;
-                    left -= n;
-                }
-                r
+        let mut at = 0;
+        while at < allowed {
+            // `task.cancel` sets `cancelling`; the producer may be done already while
+            // the socket still drains, so look here too.
+            if pool.task_is_cancelling(task) {
+                cancelled = true;
+                break 'pieces;
             }
-        };
-        if let Err(e) = written {
-            client_error = Some(e);
-            break;
+            let n = (allowed - at).min(slice);
+            let written = match &piece {
+                Piece::Bytes(b) => conn.write_all(&b[at..at + n]).await,
+                Piece::Zeros(_) => {
+                    let mut left = n;
+                    let mut r = Ok(());
+                    while left > 0 && r.is_ok() {
+                        let k = left.min(ZERO_RUN);
+                        r = conn.write_all(&ZEROS[..k]).await;
+                        left -= k;
+                    }
+                    r
+                }
+            };
+            if let Err(e) = written {
+                client_error = Some(e);
+                break 'pieces;
+            }
+            pool.stats.add(&counter, n as u64);
+            pacer.passed(n).await;
+            at += n;
         }
-        pool.stats.add(&counter, allowed as u64);
         if let Piece::Bytes(b) = piece {
             let _ = spent_tx.send(b);
         }
-        pacer.passed(allowed).await;
         if pacer.is_cut() {
             break;
         }
@@ -305,6 +324,12 @@ where
             "the {handler} producer failed: {e}"
         )))
     });
+    if cancelled {
+        tracing::info!(handler, task, "transfer cancelled through its task");
+        pool.task_fail(task, &ApiError::new("TASK_CANCELLED", [task]));
+        let _ = conn.shutdown().await;
+        return Ok(());
+    }
     if pacer.is_cut() {
         let cut = pacer.fault.cut_after.unwrap_or(0);
         tracing::info!(handler, cut, "fault injection: stream cut");
@@ -394,7 +419,13 @@ where
             )))
         })
     };
-    let mut pacer = Pacer::new(pool.faults.stream(handler));
+    // An empty body (a client's redirect probe, as XO and xenvault send before a PUT)
+    // does not use up a one-shot fault meant for the real upload.
+    let fault = match len {
+        BodyLen::Exactly(0) => StreamFault::default(),
+        _ => pool.faults.stream(handler),
+    };
+    let mut pacer = Pacer::new(fault);
     let mut read: u64 = 0;
     let mut early: Option<Result<T, ApiError>> = None;
     let end = loop {
