@@ -90,6 +90,11 @@ impl Faults {
         self.lock().streams.insert(handler.to_string(), fault);
     }
 
+    /// True when a stream fault is set for `handler` (without using it up).
+    pub fn has_stream(&self, handler: &str) -> bool {
+        self.lock().streams.contains_key(handler)
+    }
+
     /// The fault to apply to a stream that starts now (consumes one use of a
     /// fault with `times`). Handlers call it once per stream: `pool.faults.stream("export")`.
     pub fn stream(&self, handler: &str) -> StreamFault {

@@ -20,7 +20,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use std::os::fd::AsFd;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpListener;
 
 use crate::pool::Pool;
@@ -152,19 +154,95 @@ impl Request {
 /// A client connection: the bytes already read past the request head, then the
 /// socket. Read the request body from it; write the raw response to it.
 pub struct Conn {
-    io: Box<dyn ByteStream>,
+    io: ConnIo,
     buf: Vec<u8>,
     pos: usize,
 }
+
+/// The socket under a [`Conn`]: plain TCP is kept as such so file ranges can go
+/// out with `sendfile` (no copy through user space); TLS and others are boxed.
+enum ConnIo {
+    Plain(tokio::net::TcpStream),
+    Other(Box<dyn ByteStream>),
+}
+
+/// Zeros for [`Conn::write_zeros`].
+static ZERO_BLOCK: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl Conn {
     /// Wraps a stream.
     pub fn new(io: Box<dyn ByteStream>) -> Conn {
         Conn {
-            io,
+            io: ConnIo::Other(io),
             buf: Vec::new(),
             pos: 0,
         }
+    }
+
+    /// Wraps a plain TCP stream, keeping a way to `sendfile` into it.
+    pub fn plain(tcp: tokio::net::TcpStream) -> Conn {
+        Conn {
+            io: ConnIo::Plain(tcp),
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// True when [`Conn::send_file_range`] copies nothing through user space.
+    pub fn can_send_file(&self) -> bool {
+        matches!(self.io, ConnIo::Plain(_))
+    }
+
+    /// Sends `len` bytes of `file` from `offset` (bytes past the file's end are
+    /// sent as zeros, as a sparse file reads). Uses `sendfile` on plain TCP, a
+    /// buffered copy otherwise.
+    pub async fn send_file_range(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let end = offset + len;
+        let mut pos = offset;
+        if let ConnIo::Plain(tcp) = &self.io {
+            while pos < end {
+                tcp.writable().await?;
+                let want = usize::try_from(end - pos)
+                    .unwrap_or(usize::MAX)
+                    .min(1 << 30);
+                match tcp.try_io(Interest::WRITABLE, || {
+                    rustix::fs::sendfile(tcp.as_fd(), file, Some(&mut pos), want)
+                        .map_err(io::Error::from)
+                }) {
+                    Ok(0) => break, // past the end of the file: the rest is zeros
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+            while pos < end {
+                let n = buf.len().min((end - pos) as usize);
+                let got = std::os::unix::fs::FileExt::read_at(file, &mut buf[..n], pos)?;
+                if got == 0 {
+                    break;
+                }
+                self.io.write_all(&buf[..got]).await?;
+                pos += got as u64;
+            }
+        }
+        self.write_zeros(end - pos).await
+    }
+
+    /// Sends `len` zero bytes.
+    pub async fn write_zeros(&mut self, mut len: u64) -> io::Result<()> {
+        while len > 0 {
+            let n = len.min(ZERO_BLOCK.len() as u64) as usize;
+            self.io.write_all(&ZERO_BLOCK[..n]).await?;
+            len -= n as u64;
+        }
+        Ok(())
     }
 
     /// Reads exactly `len` body bytes, refusing more than `limit`.
@@ -436,7 +514,12 @@ pub async fn serve(
                         return;
                     }
                 },
-                None => Box::new(tcp),
+                None => {
+                    if let Err(e) = serve_conn(Conn::plain(tcp), peer, spec, router, pool).await {
+                        tracing::debug!("connection from {peer}: {e}");
+                    }
+                    return;
+                }
             };
             if let Err(e) = serve_conn(Conn::new(io), peer, spec, router, pool).await {
                 tracing::debug!("connection from {peer}: {e}");
@@ -574,6 +657,44 @@ fn hex_val(c: u8) -> Option<u8> {
         b'a'..=b'f' => Some(c - b'a' + 10),
         b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
+    }
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnIo::Plain(t) => Pin::new(t).poll_read(cx, out),
+            ConnIo::Other(o) => Pin::new(o).poll_read(cx, out),
+        }
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ConnIo::Plain(t) => Pin::new(t).poll_write(cx, data),
+            ConnIo::Other(o) => Pin::new(o).poll_write(cx, data),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnIo::Plain(t) => Pin::new(t).poll_flush(cx),
+            ConnIo::Other(o) => Pin::new(o).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnIo::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            ConnIo::Other(o) => Pin::new(o).poll_shutdown(cx),
+        }
     }
 }
 

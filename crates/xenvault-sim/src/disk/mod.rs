@@ -15,7 +15,7 @@ mod store;
 
 pub use bitmap::BlockBitmap;
 pub use guest::{SplitMix64, choose_blocks, fill_guest_block, guest_block_data};
-pub use store::{DiskError, DiskInfo, DiskStore};
+pub use store::{DiskError, DiskInfo, DiskStore, ReadRun};
 
 /// CBT and allocation granularity: 64 KiB (`CBT_BLOCK_SIZE` in sm: libs/sm/VDI.py).
 pub const CBT_BLOCK_SIZE: u64 = 65536;

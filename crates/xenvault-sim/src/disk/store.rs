@@ -164,6 +164,17 @@ pub struct DiskInfo {
     pub chain_depth: usize,
 }
 
+/// A run of a disk as [`DiskStore::read_plan`] describes it.
+#[derive(Debug)]
+pub struct ReadRun {
+    /// Virtual offset of the run (also its offset in `file`).
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The layer data file holding the run, or `None` for a hole (zeros).
+    pub file: Option<File>,
+}
+
 struct Layer {
     sr: String,
     parent: Option<u64>,
@@ -482,6 +493,43 @@ impl DiskStore {
         check_range(id, "read", offset, buf.len() as u64, size)?;
         let chain = chain_layers(&g, leaf);
         self.read_chain(&chain, offset, buf)
+    }
+
+    /// Where the bytes `offset..offset + len` of a disk live: runs that are holes
+    /// (zeros) or ranges of one layer's sparse data file (layer files are addressed
+    /// by virtual offset). Lets a reader hand file ranges to the kernel (`sendfile`)
+    /// instead of copying them; the files stay readable even if the disk is
+    /// destroyed meanwhile.
+    pub fn read_plan(&self, id: &str, offset: u64, len: u64) -> Result<Vec<ReadRun>, DiskError> {
+        let g = self.read_guard();
+        let (leaf, size) = data_of(&g, id)?;
+        check_range(id, "read", offset, len, size)?;
+        let chain = chain_layers(&g, leaf);
+        let end = offset + len;
+        let mut runs: Vec<ReadRun> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let src = source_of(&chain, pos / BS);
+            let mut run_end = ((pos / BS + 1) * BS).min(end);
+            while run_end < end && source_of(&chain, run_end / BS) == src {
+                run_end = (run_end + BS).min(end);
+            }
+            let file = match src {
+                None => None,
+                Some(i) => Some(chain[i].data.try_clone().map_err(|source| DiskError::Io {
+                    what: "open",
+                    path: self.root.join("layers"),
+                    source,
+                })?),
+            };
+            runs.push(ReadRun {
+                offset: pos,
+                len: run_end - pos,
+                file,
+            });
+            pos = run_end;
+        }
+        Ok(runs)
     }
 
     /// Writes `data` at `offset` (copy-on-write at 64 KiB granularity) and marks the
