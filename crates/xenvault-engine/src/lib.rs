@@ -5,3 +5,15 @@
 //!
 //! The engine never prints: progress and results reach the caller as values
 //! (reports, events); the CLI renders them.
+
+pub mod archive;
+pub mod backup;
+pub mod config;
+pub mod job;
+pub mod journal;
+pub mod plan;
+pub mod preflight;
+pub mod report;
+pub mod restore;
+pub mod selection;
+pub mod sink;

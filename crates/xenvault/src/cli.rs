@@ -32,6 +32,58 @@ pub enum Command {
         after_help = "Examples:\n  xenvault trust https://pool.example.com\n  xenvault trust https://10.0.0.5:443 --json"
     )]
     Trust(TrustArgs),
+
+    /// Show what a backup job would do tonight, creating nothing on the pool.
+    #[command(
+        after_help = "Shows the settings in force, the VMs that will be backed up, why every other VM\nwill not, and the result of every check (target writable, free space, SR usage,\nleftovers of earlier runs). Exit code 0 when the plan is clean, 1 when a check or\nthe selection found an error, 2 for a configuration error.\n\nExamples:\n  xenvault plan nightly\n  xenvault plan nightly --config /etc/xenvault/xenvault.toml --today saturday\n  xenvault plan nightly --json | jq '.vms[].name'"
+    )]
+    Plan(JobArgs),
+
+    /// Run a backup job: snapshot, export, write the archive, clean up, keep the last N.
+    #[command(
+        after_help = "Progress goes to stderr (a live line with rate and ETA on a terminal, plain lines\nunder cron), the summary to stdout (the JSON report with --json).\nExit codes: 0 success, 1 failure, 2 bad configuration, 3 partial (some VMs failed or\nwere skipped).\n\nExamples:\n  xenvault backup nightly\n  XENVAULT_CONFIG=/srv/xenvault.toml xenvault backup weekly --json > report.json\n  # crontab: 30 1 * * *  /usr/local/bin/xenvault backup nightly >> /var/log/xenvault.log 2>&1"
+    )]
+    Backup(JobArgs),
+
+    /// List what can be restored: the restore points of an archive, per VM.
+    #[command(
+        after_help = "Shows per VM each restore point's time, size, format, whether it is complete or\npartial, and its checksum status (--verify re-reads every file against SHA256SUMS).\nExit code 1 when --verify finds a damaged restore point.\n\nExamples:\n  xenvault list nightly\n  xenvault list --target /mnt/backups --vm web-01\n  xenvault list --target /mnt/backups --verify\n  xenvault list nightly --json | jq '.[] | select(.complete) | .dir'"
+    )]
+    List(crate::list::ListArgs),
+
+    /// Restore a VM (or one disk) from an archive into a pool.
+    #[command(
+        after_help = "The archive's checksums are checked first: a damaged restore point is refused,\nnaming the file. Anything a failed restore created on the pool is removed.\nExit codes: 0 restored, 1 failed, 2 bad usage (unknown VM, restore point, SR; the\noriginal VM still exists), 3 restored but not started.\n\nExamples:\n  xenvault restore nightly --vm web-01                      # newest backup, new VM, default SR\n  xenvault restore --target /mnt/backups --vm web-01 --at 20261122 --sr 5f0c… --start\n  xenvault restore nightly --vm web-01 --preserve-identity  # same uuid and MACs (original gone)\n  xenvault restore nightly --vm web-01 --disk 1 --name 'web-01 data'   # one disk into a new VDI\n  xenvault restore nightly --vm web-01 --pool dr-site --sr 9a1e…       # into another pool"
+    )]
+    Restore(crate::restore::RestoreArgs),
+}
+
+/// Options of `xenvault plan` and `xenvault backup`.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The job's name (a `[jobs.NAME]` table of the configuration).
+    pub job: String,
+
+    /// The configuration file [default: $XENVAULT_CONFIG, else /etc/xenvault/xenvault.toml].
+    #[arg(long, short = 'c')]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Select as if today were this weekday (weekday files), e.g. `saturday`.
+    #[arg(long, value_parser = parse_weekday)]
+    pub today: Option<xenvault_types::config::Weekday>,
+}
+
+/// Parses a weekday name (`mon`, `Monday`, …).
+pub fn parse_weekday(text: &str) -> Result<xenvault_types::config::Weekday, String> {
+    use xenvault_types::config::Weekday;
+    let t = text.trim().to_ascii_lowercase();
+    Weekday::ALL
+        .into_iter()
+        .find(|d| {
+            let name = d.name().to_ascii_lowercase();
+            t.len() >= 3 && name.starts_with(&t)
+        })
+        .ok_or_else(|| format!("{text:?} is not a weekday; write e.g. monday or sat"))
 }
 
 /// Options of `xenvault demo`.
@@ -56,6 +108,14 @@ pub struct DemoArgs {
 pub struct TrustArgs {
     /// The pool's URL (https://host[:port]) or host[:port].
     pub url: String,
+
+    /// Record the fingerprint in this configuration file (with --pool).
+    #[arg(long, requires = "pool")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// The pool (its `[pools.NAME]` table) whose `fingerprint` to set.
+    #[arg(long, requires = "config")]
+    pub pool: Option<String>,
 }
 
 /// Parses a size such as `512`, `64K`, `32M`, `8G`, `1T` (binary units; an
@@ -93,6 +153,15 @@ mod tests {
         assert_eq!(parse_size("8G").unwrap(), 8 << 30);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn weekdays() {
+        use xenvault_types::config::Weekday;
+        assert_eq!(parse_weekday("sat").unwrap(), Weekday::Saturday);
+        assert_eq!(parse_weekday("Monday").unwrap(), Weekday::Monday);
+        assert!(parse_weekday("mo").is_err());
+        assert!(parse_weekday("funday").is_err());
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //! The binary is thin: it parses the command line, sets up logging, runs one
 //! command and turns its outcome into an exit code (see [`exit`]).
 
+mod backup;
 mod cli;
 mod demo;
 mod exit;
+mod list;
+mod plan;
+mod restore;
 mod trust;
 
 use clap::Parser;
@@ -32,6 +36,10 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args, cli.json).await,
             Command::Trust(args) => trust::run(args, cli.json).await,
+            Command::Plan(args) => plan::run(args, cli.json).await,
+            Command::Backup(args) => backup::run(args, cli.json).await,
+            Command::List(args) => list::run(args, cli.json).await,
+            Command::Restore(args) => restore::run(args, cli.json).await,
         }
     });
     match outcome {

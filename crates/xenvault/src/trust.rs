@@ -1,5 +1,7 @@
 //! `xenvault trust URL`: show a pool's certificate fingerprint, to pin it.
 
+use std::io::Write as _;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -14,11 +16,26 @@ pub async fn run(args: TrustArgs, json: bool) -> anyhow::Result<ExitCode> {
     let presented = tls::fetch_fingerprint(&host_port, Duration::from_secs(15))
         .await
         .with_context(|| format!("cannot read the TLS certificate of {host_port}"))?;
+    let fingerprint = presented.fingerprint.to_string();
+    if let (Some(config), Some(pool)) = (&args.config, &args.pool) {
+        record_pin(config, pool, &fingerprint)?;
+    }
     if json {
         println!(
             "{}",
-            serde_json::json!({ "address": host_port, "fingerprint": presented.fingerprint.to_string() })
+            serde_json::json!({
+                "address": host_port,
+                "fingerprint": fingerprint,
+                "recorded_in": args.config.as_ref().map(|p| p.display().to_string()),
+            })
         );
+    } else if let (Some(config), Some(pool)) = (&args.config, &args.pool) {
+        println!("{host_port} presents the certificate {fingerprint}");
+        println!(
+            "Recorded it as the pin of pool {pool:?} in {}. Check it on the pool coordinator:",
+            config.display()
+        );
+        println!("  openssl x509 -in /etc/xensource/xapi-ssl.pem -noout -fingerprint -sha256");
     } else {
         println!(
             "{host_port} presents the certificate {}",
@@ -33,6 +50,28 @@ pub async fn run(args: TrustArgs, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::Success)
+}
+
+/// Sets `fingerprint` of `[pools.<pool>]` in the configuration file, keeping its
+/// comments, order and permissions; written through a temporary file and a rename.
+fn record_pin(config: &Path, pool: &str, fingerprint: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read the configuration {}", config.display()))?;
+    let updated = xenvault_engine::config::edit::pin_fingerprint(&text, pool, fingerprint)
+        .map_err(|why| UsageError(format!("{}: {why}", config.display())))?;
+    let dir = config
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write next to {}", config.display()))?;
+    tmp.write_all(updated.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    let permissions = std::fs::metadata(config)?.permissions();
+    std::fs::set_permissions(tmp.path(), permissions)?;
+    tmp.persist(config)
+        .with_context(|| format!("cannot replace {}", config.display()))?;
+    Ok(())
 }
 
 /// `https://host:port/...`, `host:port` or `host` → `host:port` (443 by default).

@@ -3,9 +3,19 @@
 use std::process::Command;
 
 #[test]
-fn demo_passes_and_reports_every_vm() {
+fn demo_backs_up_twice_restores_bit_for_bit_and_leaves_nothing_behind() {
+    let keep = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_xenvault"))
-        .args(["demo", "--vms", "2", "--disk-size", "8M", "--json"])
+        .args([
+            "demo",
+            "--vms",
+            "2",
+            "--disk-size",
+            "8M",
+            "--json",
+            "--keep",
+        ])
+        .arg(keep.path())
         .output()
         .expect("run xenvault demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -16,14 +26,32 @@ fn demo_passes_and_reports_every_vm() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("demo --json prints JSON");
-    let vms = report["vms"].as_array().expect("vms array");
-    assert_eq!(vms.len(), 2);
-    for vm in vms {
-        assert_eq!(vm["ok"], true, "{vm}");
-        assert_eq!(vm["changed_blocks"], 24, "{vm}");
-        assert_eq!(vm["nbd_bytes"], 24 * 65536, "{vm}");
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        let vms = run["vms"].as_array().expect("vms");
+        assert_eq!(vms.len(), 2, "{run}");
+        for vm in vms {
+            assert_eq!(vm["outcome"]["status"], "succeeded", "{vm}");
+        }
     }
+    assert_eq!(report["restored"]["identical"], true, "{report}");
+    assert_eq!(report["restored"]["disks_compared"], 1);
     assert_eq!(report["leftover_snapshots"], 0);
+    // The archive is plain files: two complete restore points per VM, each
+    // with its success marker.
+    let backups = keep.path().join("backups");
+    for vm in ["vm-01", "vm-02"] {
+        let points: Vec<_> = std::fs::read_dir(backups.join(vm))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect();
+        assert_eq!(points.len(), 2, "{vm}: {points:?}");
+        for p in points {
+            assert!(p.join("vm.xva").is_file(), "{}", p.display());
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,839 @@
+//! One run of a backup job, start to end: connect to the pools (pinned
+//! TLS), sweep leftovers, plan, back up the VMs in parallel (a failure of
+//! one never stops the others), pool metadata and host backups, retention,
+//! the closing sweep, and the [`RunReport`].
+//!
+//! Also [`plan_job`]: the same plan without touching the pool.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use xenvault_types::config::{Config, JobConfig, PoolConfig, SmtpSecurity, Weekday};
+use xenvault_types::report::{CleanupOutcome, ItemKind, ItemReport, Outcome, RunReport, VmReport};
+use xenvault_xapi::ErrorCode;
+use xenvault_xapi::http::{HttpTransfer, TransferOptions};
+use xenvault_xapi::session::{Client, Credentials, Session};
+use xenvault_xapi::task::WaitOptions;
+use xenvault_xapi::tls::{Fingerprint, TlsPolicy};
+
+use crate::archive::{self, ArchiveTarget, RetentionRules, SubjectKey};
+use crate::backup::extra::{self, ArtifactResult};
+use crate::backup::{self, NoProgress, Pipeline, Progress, VmResult, VmTask};
+use crate::journal::{self, Journal, RunContext};
+use crate::plan::{self, BackupPlan, PoolView};
+use crate::preflight;
+use crate::report::email::{EmailSettings, SmtpSecurity as ReportSmtpSecurity};
+use crate::sink::BackupTarget;
+
+/// How a run ends, for the process exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Everything expected was done (0).
+    Success = 0,
+    /// Nothing expected succeeded, or the run could not start (1).
+    Failure = 1,
+    /// Bad usage or configuration (2).
+    Usage = 2,
+    /// Some succeeded, some failed or were skipped (3).
+    Partial = 3,
+}
+
+/// A run that could not happen at all.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The configuration is wrong for this run (exit code 2).
+    #[error("{0}")]
+    Config(String),
+    /// A pool refused the login or its certificate (exit code 2).
+    #[error("{0}")]
+    Credentials(String),
+    /// Anything else that stops the run before it starts (exit code 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl JobError {
+    /// The exit status it means.
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            JobError::Config(_) | JobError::Credentials(_) => ExitStatus::Usage,
+            JobError::Failed(_) => ExitStatus::Failure,
+        }
+    }
+}
+
+/// Knobs of a run.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// The day to select for (weekday files).
+    pub today: Weekday,
+    /// Progress observer.
+    pub progress: Arc<dyn Progress>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            today: today_utc(),
+            progress: Arc::new(NoProgress),
+        }
+    }
+}
+
+/// Today's weekday (UTC).
+pub fn today_utc() -> Weekday {
+    Weekday::from(OffsetDateTime::now_utc().weekday())
+}
+
+/// A fresh run id: `YYYYMMDDTHHMMSSZ-xxxxxxxx`.
+pub fn new_run_id() -> String {
+    let now = OffsetDateTime::now_utc();
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z-{}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        &rand[..8]
+    )
+}
+
+/// The state directory of a configuration (journal, run locks).
+pub fn state_dir(config: &Config) -> PathBuf {
+    config
+        .state_dir
+        .clone()
+        .unwrap_or_else(journal::default_state_dir)
+}
+
+/// The job, its target and its pools, or a configuration error.
+pub fn resolve<'c>(
+    config: &'c Config,
+    job: &str,
+) -> Result<(&'c JobConfig, Vec<&'c PoolConfig>), JobError> {
+    let job_cfg = config.job(job).ok_or_else(|| {
+        let known: Vec<&str> = config.jobs.keys().map(String::as_str).collect();
+        JobError::Config(format!(
+            "no job {job:?} in the configuration (jobs: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })?;
+    if config.target(&job_cfg.target).is_none() {
+        return Err(JobError::Config(format!(
+            "job {job}: target {:?} is not defined",
+            job_cfg.target
+        )));
+    }
+    let mut pools = Vec::new();
+    for name in &job_cfg.pools {
+        pools.push(
+            config.pool(name).ok_or_else(|| {
+                JobError::Config(format!("job {job}: pool {name:?} is not defined"))
+            })?,
+        );
+    }
+    Ok((job_cfg, pools))
+}
+
+/// Logs in to a pool with its configured TLS policy and password.
+pub async fn connect_pool(pool: &PoolConfig) -> Result<Session, JobError> {
+    let policy = crate::config::tls_policy(pool).map_err(JobError::Config)?;
+    if pool.insecure_skip_verify {
+        tracing::warn!(
+            "pool {}: TLS verification is OFF (insecure-skip-verify): anyone on the path can read the password and the backups",
+            pool.name
+        );
+    }
+    let password = pool.password.as_ref().ok_or_else(|| {
+        JobError::Config(format!(
+            "pool {}: no password (set password-file or password-env)",
+            pool.name
+        ))
+    })?;
+    Client::connect(
+        &pool.url,
+        Credentials::new(pool.user.clone(), password.expose().to_string()),
+        policy,
+    )
+    .await
+    .map_err(|e| classify_connect_error(&pool.name, &pool.url, &e))
+}
+
+fn classify_connect_error(pool: &str, url: &str, e: &xenvault_xapi::Error) -> JobError {
+    let text = crate::config::one_line(&e.to_string());
+    if e.is_code(&ErrorCode::SessionAuthenticationFailed) {
+        return JobError::Credentials(format!(
+            "pool {pool}: the login was refused (wrong user or password; check password-file / password-env): {text}"
+        ));
+    }
+    if text.contains("certificate") || text.contains("pinned") || text.contains("fingerprint") {
+        return JobError::Credentials(format!(
+            "pool {pool}: the TLS certificate of {url} is not the trusted one (run `xenvault trust {url}` and set fingerprint): {text}"
+        ));
+    }
+    JobError::Failed(format!("pool {pool}: cannot connect to {url}: {text}"))
+}
+
+/// The HTTP transfer client of a pool. With a pinned coordinator
+/// certificate, every host's certificate (`host.get_server_certificate`,
+/// read over the pinned session) is pinned too, so transfers redirected to a
+/// member (302 for a member's local SR) are accepted; otherwise, or if the
+/// certificates cannot be read, the session's own client.
+pub async fn transfer_for(
+    session: &Session,
+    pool: Option<&PoolConfig>,
+    options: &TransferOptions,
+) -> HttpTransfer {
+    let fallback = || HttpTransfer::with_client(session.http_client(), options.clone());
+    let Some(pool) = pool else {
+        return fallback();
+    };
+    let Ok(TlsPolicy::Pinned(coordinator)) = crate::config::tls_policy(pool) else {
+        return fallback();
+    };
+    let hosts = match session.host().get_all().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(
+                "pool {}: cannot list hosts to pin their certificates: {e}",
+                pool.name
+            );
+            return fallback();
+        }
+    };
+    let mut pins = vec![coordinator];
+    for h in hosts {
+        let pem = session
+            .call::<String>(
+                "host.get_server_certificate",
+                vec![xenvault_types::Value::str(h.as_str())],
+            )
+            .await;
+        match pem.map(|p| Fingerprint::of_pem(&p)) {
+            Ok(Ok(fp)) => {
+                if !pins.contains(&fp) {
+                    pins.push(fp);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("pool {}: a host certificate is unreadable: {e}", pool.name)
+            }
+            Err(e) => tracing::warn!("pool {}: host.get_server_certificate: {e}", pool.name),
+        }
+    }
+    match HttpTransfer::new(&TlsPolicy::PinnedAny(pins), options.clone()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("pool {}: {e}", pool.name);
+            fallback()
+        }
+    }
+}
+
+/// Connects to every pool of a job.
+async fn connect_all(pools: &[&PoolConfig]) -> Result<Vec<PoolView>, JobError> {
+    let mut out = Vec::new();
+    for p in pools {
+        out.push(PoolView {
+            name: p.name.clone(),
+            session: connect_pool(p).await?,
+        });
+    }
+    Ok(out)
+}
+
+/// `xenvault plan JOB`: the plan, creating nothing on the pool.
+pub async fn plan_job(config: &Config, job: &str, today: Weekday) -> Result<BackupPlan, JobError> {
+    let (job_cfg, pools) = resolve(config, job)?;
+    let journal = Journal::open(&state_dir(config)).map_err(|e| JobError::Failed(e.to_string()))?;
+    let views = connect_all(&pools).await?;
+    let plan = plan::build(config, job_cfg, &views, &journal, today)
+        .await
+        .map_err(|e| JobError::Failed(e.to_string()));
+    for v in &views {
+        let _ = v.session.logout().await;
+    }
+    plan
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct JobRun {
+    /// The plan it followed.
+    pub plan: BackupPlan,
+    /// The report.
+    pub report: RunReport,
+    /// The exit status it means.
+    pub exit: ExitStatus,
+    /// The run log on the target, when written.
+    pub log_path: Option<PathBuf>,
+    /// The JSON report on the target, when written.
+    pub json_path: Option<PathBuf>,
+}
+
+/// The exit status of a finished report.
+pub fn exit_status_of(report: &RunReport) -> ExitStatus {
+    match report.overall() {
+        xenvault_types::report::RunOutcome::Succeeded => ExitStatus::Success,
+        xenvault_types::report::RunOutcome::Partial => ExitStatus::Partial,
+        xenvault_types::report::RunOutcome::Failed => ExitStatus::Failure,
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// `xenvault backup JOB`: the whole run.
+pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<JobRun, JobError> {
+    let (job_cfg, pools) = resolve(config, job)?;
+    let target_dir = config
+        .target(&job_cfg.target)
+        .map(|t| t.path.clone())
+        .unwrap_or_default();
+    let state = state_dir(config);
+    let journal = Journal::open(&state).map_err(|e| JobError::Failed(e.to_string()))?;
+    let run_id = new_run_id();
+    let _run_lock = journal
+        .begin_run(&run_id)
+        .map_err(|e| JobError::Failed(e.to_string()))?;
+    let views = connect_all(&pools).await?;
+
+    let started = OffsetDateTime::now_utc();
+    if let Some(path) = &job_cfg.status_log {
+        append_status_line(path, &format!("job {} run {run_id} running", job_cfg.name));
+    }
+    let mut report = RunReport::new(
+        &job_cfg.name,
+        job_cfg.pools.join(", "),
+        host_name(),
+        &run_id,
+        target_dir.display().to_string(),
+        started,
+    );
+
+    // 1. Sweep leftovers of earlier runs, pool by pool.
+    for v in &views {
+        match journal::sweep(&v.session, &journal, &v.name, None).await {
+            Ok(r) => {
+                if !r.destroyed_vms.is_empty() || !r.destroyed_vdis.is_empty() {
+                    tracing::info!(
+                        "pool {}: removed leftovers of earlier runs: {} snapshot(s), {} VDI(s)",
+                        v.name,
+                        r.destroyed_vms.len(),
+                        r.destroyed_vdis.len()
+                    );
+                }
+                for e in r.errors.iter().chain(&r.left_alone) {
+                    report
+                        .problems
+                        .push(format!("pool {}: leftover sweep: {e}", v.name));
+                }
+            }
+            Err(e) => report
+                .problems
+                .push(format!("pool {}: leftover sweep: {e}", v.name)),
+        }
+    }
+
+    // 2. The plan.
+    let plan = match plan::build(config, job_cfg, &views, &journal, options.today).await {
+        Ok(p) => p,
+        Err(e) => {
+            for v in &views {
+                let _ = v.session.logout().await;
+            }
+            return Err(JobError::Failed(e.to_string()));
+        }
+    };
+    report.problems.extend(plan.problems.iter().cloned());
+    for c in plan.target_checks.iter().filter(|c| c.failed()) {
+        report.problems.push(c.line());
+    }
+
+    // 3. The VMs.
+    let target: Arc<dyn BackupTarget> = Arc::new(ArchiveTarget::new(&target_dir));
+    let transfer_opts = TransferOptions::default();
+    let mut pipelines: BTreeMap<String, Pipeline> = BTreeMap::new();
+    for v in &views {
+        pipelines.insert(
+            v.name.clone(),
+            Pipeline {
+                session: v.session.clone(),
+                transfer: Arc::new(
+                    transfer_for(
+                        &v.session,
+                        pools.iter().find(|p| p.name == v.name).copied(),
+                        &transfer_opts,
+                    )
+                    .await,
+                ),
+                run: RunContext {
+                    journal: journal.clone(),
+                    pool: v.name.clone(),
+                    job: job_cfg.name.clone(),
+                    run_id: run_id.clone(),
+                },
+                target: target.clone(),
+                pool_label: v.name.clone(),
+                progress: options.progress.clone(),
+                wait: WaitOptions::default(),
+            },
+        );
+    }
+    let reserved = plan::reserved_space(config, job_cfg);
+    let concurrency = Arc::new(Semaphore::new(job_cfg.concurrency.max(1) as usize));
+    let per_host: Arc<BTreeMap<String, Arc<Semaphore>>> = Arc::new(
+        plan.vms
+            .iter()
+            .filter_map(|v| v.host.clone())
+            .map(|h| {
+                (
+                    h,
+                    Arc::new(Semaphore::new(
+                        job_cfg.per_host_limit.unwrap_or(u32::MAX / 2).max(1) as usize,
+                    )),
+                )
+            })
+            .collect(),
+    );
+    let mut handles = Vec::new();
+    let mut vm_reports: Vec<Option<VmReport>> = Vec::new();
+    for (i, vm) in plan.vms.iter().enumerate() {
+        if let Some(reason) = &vm.skip {
+            vm_reports.push(Some(VmReport::skipped(&vm.name, &vm.uuid, reason)));
+            continue;
+        }
+        vm_reports.push(None);
+        let Some(p) = pipelines.get(&vm.pool).cloned() else {
+            continue;
+        };
+        let vm = vm.clone();
+        let concurrency = concurrency.clone();
+        let per_host = per_host.clone();
+        let target_dir = target_dir.clone();
+        let pre_clean = job_cfg.pre_clean;
+        let run_id = run_id.clone();
+        handles.push((
+            i,
+            tokio::spawn(async move {
+                let _slot = concurrency.acquire_owned().await;
+                let _host_slot = match vm.host.as_ref().and_then(|h| per_host.get(h)) {
+                    Some(s) => Some(s.clone().acquire_owned().await),
+                    None => None,
+                };
+                // Make room first when asked (NAUbackup's pre_clean).
+                let mut notes = Vec::new();
+                if pre_clean {
+                    notes.extend(pre_clean_vm(&target_dir, &vm, &run_id).await);
+                }
+                // Free space, measured now.
+                if let Ok(free) = preflight::free_space(&target_dir) {
+                    let c = preflight::check_free_space(&vm.name, free, vm.estimate, reserved);
+                    if c.failed() {
+                        let mut r = VmReport::skipped(&vm.name, &vm.uuid, c.detail);
+                        r.notes = notes;
+                        return r;
+                    }
+                }
+                let task = VmTask {
+                    vm_ref: vm.vm_ref.clone(),
+                    vm_uuid: vm.uuid.clone(),
+                    name: vm.name.clone(),
+                    mode: vm.mode,
+                    disks: vm.disks,
+                    compression: vm.compression,
+                };
+                let result = backup::backup_vm(&p, &task).await;
+                let mut r = vm_report(&vm.name, &vm.uuid, &result);
+                r.notes.extend(notes);
+                r
+            }),
+        ));
+    }
+    for (i, h) in handles {
+        let r = match h.await {
+            Ok(r) => r,
+            Err(e) => {
+                let vm = &plan.vms[i];
+                let mut r = VmReport::skipped(&vm.name, &vm.uuid, "");
+                r.outcome = Outcome::failed(format!("internal error: {e}"));
+                r
+            }
+        };
+        vm_reports[i] = Some(r);
+    }
+    report.vms = vm_reports.into_iter().flatten().collect();
+    for vm in &report.vms {
+        if let CleanupOutcome::Failed { reason } = &vm.cleanup {
+            report.problems.push(format!("{}: {reason}", vm.name));
+        }
+    }
+
+    // 4. Pool metadata and host backups.
+    if !plan.target_failed() {
+        for v in &views {
+            let Some(p) = pipelines.get(&v.name) else {
+                continue;
+            };
+            if job_cfg.pool_metadata.is_some() {
+                let r = extra::pool_metadata(p).await;
+                report
+                    .pool_metadata
+                    .push(item_report(ItemKind::PoolMetadata, &v.name, None, &r));
+            }
+            if job_cfg.host_backup.is_some() {
+                match v.session.host().get_all_records().await {
+                    Ok(hosts) => {
+                        for host in hosts.values() {
+                            let r = extra::host_backup(p, host).await;
+                            report.hosts.push(item_report(
+                                ItemKind::HostBackup,
+                                &host.name_label,
+                                Some(host.uuid.clone()),
+                                &r,
+                            ));
+                        }
+                    }
+                    Err(e) => report
+                        .problems
+                        .push(format!("pool {}: cannot list hosts: {e}", v.name)),
+                }
+            }
+        }
+    }
+
+    // 5. Retention.
+    if !plan.target_failed() {
+        apply_retention(&target_dir, job_cfg, &plan, &run_id, &views, &mut report).await;
+    }
+
+    // 6. Closing sweep (this run's own leftovers included).
+    for v in &views {
+        match journal::sweep(&v.session, &journal, &v.name, Some(&run_id)).await {
+            Ok(r) => {
+                for e in &r.errors {
+                    report.problems.push(format!(
+                        "pool {}: cleanup left something for the next run: {e}",
+                        v.name
+                    ));
+                }
+            }
+            Err(e) => report
+                .problems
+                .push(format!("pool {}: closing sweep: {e}", v.name)),
+        }
+        let _ = v.session.logout().await;
+    }
+
+    report.finished = OffsetDateTime::now_utc();
+    let exit = if plan.target_failed() {
+        ExitStatus::Failure
+    } else {
+        exit_status_of(&report)
+    };
+    let (log_path, json_path) =
+        write_outputs(config, job_cfg, &target_dir, &plan, &mut report).await;
+    if let Some(path) = &job_cfg.status_log {
+        append_status_line(
+            path,
+            &format!(
+                "job {} run {run_id} {}: {}",
+                job_cfg.name,
+                report.overall().label(),
+                report.headline()
+            ),
+        );
+    }
+    Ok(JobRun {
+        plan,
+        report,
+        exit,
+        log_path,
+        json_path,
+    })
+}
+
+/// Appends `<time> xenvault <text>` to a NAUbackup-style status log (the
+/// job's `status-log`); a failure is logged, never fatal.
+fn append_status_line(path: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    let now = OffsetDateTime::now_utc();
+    let line = format!(
+        "{:04}-{:02}-{:02}-({:02}:{:02}:{:02}) xenvault {text}\n",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!("cannot append to the status log {}: {e}", path.display());
+    }
+}
+
+/// The email settings of a configuration (`[email]`), if any.
+pub fn email_settings(config: &Config) -> Option<EmailSettings> {
+    let e = config.email.as_ref()?;
+    let mut s = EmailSettings::new(e.server.clone(), e.from.clone(), e.to.clone());
+    s.port = e.port;
+    s.security = match e.security {
+        SmtpSecurity::Starttls => ReportSmtpSecurity::Starttls,
+        SmtpSecurity::Tls => ReportSmtpSecurity::Tls,
+        SmtpSecurity::None => ReportSmtpSecurity::Plain,
+    };
+    s.username = e.user.clone();
+    s.password = e.password.as_ref().map(|p| p.expose().to_string());
+    s.attempts = e.retries.max(1);
+    Some(s)
+}
+
+/// The run log and JSON report on the target (old logs expired first), and
+/// the email. Failures become problems of the report (the log is rewritten
+/// when the email fails, so it says so).
+async fn write_outputs(
+    config: &Config,
+    job: &JobConfig,
+    target_dir: &std::path::Path,
+    plan: &BackupPlan,
+    report: &mut RunReport,
+) -> (Option<PathBuf>, Option<PathBuf>) {
+    let can_write = !plan.target_failed();
+    let write = |report: &RunReport| -> (Option<PathBuf>, Option<PathBuf>, Vec<String>) {
+        let mut problems = Vec::new();
+        if !can_write {
+            return (None, None, problems);
+        }
+        let log = crate::report::log::write_run_log(target_dir, report)
+            .map_err(|e| problems.push(format!("run log: {e}")))
+            .ok();
+        let json = crate::report::log::write_json_report(target_dir, report)
+            .map_err(|e| problems.push(format!("JSON report: {e}")))
+            .ok();
+        (log, json, problems)
+    };
+    if can_write
+        && let Err(e) = crate::report::log::expire_logs(
+            target_dir,
+            job.log_retention_days,
+            OffsetDateTime::now_utc(),
+        )
+    {
+        report.problems.push(format!("log expiry: {e}"));
+    }
+    let (mut log, mut json, problems) = write(report);
+    report.problems.extend(problems);
+    if job.email
+        && let Some(settings) = email_settings(config)
+        && let Err(e) = crate::report::email::send_report(&settings, report).await
+    {
+        tracing::warn!("{e}");
+        report
+            .problems
+            .push(format!("the report email was not sent: {e}"));
+        let (l, j, problems) = write(report);
+        (log, json) = (l.or(log), j.or(json));
+        report.problems.extend(problems);
+    }
+    (log, json)
+}
+
+/// NAUbackup's `pre_clean`: before a VM's backup, remove its oldest complete
+/// backups so that, with the new one, `keep_last` remain.
+async fn pre_clean_vm(
+    target_dir: &std::path::Path,
+    vm: &plan::VmPlan,
+    run_id: &str,
+) -> Vec<String> {
+    let root = target_dir.to_path_buf();
+    let subject = archive::Subject::vm(vm.uuid.clone(), vm.name.clone());
+    let keep = vm.keep_last;
+    let run_id = run_id.to_string();
+    let joined = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
+        let points = archive::list_subject(&root, &subject.key).map_err(|e| e.to_string())?;
+        let rules = RetentionRules {
+            keep: BTreeMap::new(),
+            default_keep: None,
+            protected_runs: vec![run_id],
+        };
+        let plan = archive::retention::pre_clean_plan(&points, &subject, &root, keep, &rules);
+        let outcome = archive::retention::apply(&plan);
+        Ok(outcome
+            .removed
+            .iter()
+            .map(|p| format!("pre-clean removed {}", p.display()))
+            .collect())
+    })
+    .await;
+    match joined {
+        Ok(Ok(notes)) => notes,
+        Ok(Err(e)) => vec![format!("pre-clean failed: {e}")],
+        Err(e) => vec![format!("pre-clean failed: {e}")],
+    }
+}
+
+async fn apply_retention(
+    target_dir: &std::path::Path,
+    job: &JobConfig,
+    plan: &BackupPlan,
+    run_id: &str,
+    views: &[PoolView],
+    report: &mut RunReport,
+) {
+    let mut keep = BTreeMap::new();
+    for vm in &plan.vms {
+        keep.insert(SubjectKey::vm(vm.uuid.clone()), vm.keep_last);
+    }
+    if let Some(pm) = &job.pool_metadata {
+        for v in views {
+            keep.insert(SubjectKey::pool_metadata(v.name.clone()), pm.keep_last);
+        }
+    }
+    if let Some(hb) = &job.host_backup {
+        for h in &report.hosts {
+            if let Some(uuid) = &h.uuid {
+                keep.insert(SubjectKey::host(uuid.clone()), hb.keep_last);
+            }
+        }
+    }
+    let rules = RetentionRules {
+        keep,
+        default_keep: None,
+        protected_runs: vec![run_id.to_string()],
+    };
+    let root = target_dir.to_path_buf();
+    let joined = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let points = archive::list(&root).map_err(|e| e.to_string())?;
+        let plan = archive::retention::plan(&points, &rules);
+        let outcome = archive::retention::apply(&plan);
+        Ok((plan, outcome))
+    })
+    .await;
+    match joined {
+        Ok(Ok((plan, outcome))) => {
+            for d in plan.removals() {
+                let path = d.path.display().to_string();
+                if let Some(key) = &d.subject
+                    && let Some(vm) = report
+                        .vms
+                        .iter_mut()
+                        .find(|v| SubjectKey::vm(v.uuid.clone()) == *key)
+                {
+                    vm.pruned.push(path);
+                }
+            }
+            for (path, e) in &outcome.failed {
+                report
+                    .problems
+                    .push(format!("retention: cannot remove {}: {e}", path.display()));
+            }
+        }
+        Ok(Err(e)) => report.problems.push(format!("retention: {e}")),
+        Err(e) => report.problems.push(format!("retention: {e}")),
+    }
+}
+
+fn vm_report(name: &str, uuid: &str, r: &VmResult) -> VmReport {
+    let cleanup = match &r.cleanup_error {
+        Some(e) => CleanupOutcome::Failed {
+            reason: e.to_string(),
+        },
+        None if r.cleanup.destroyed_vms.is_empty() && r.cleanup.destroyed_vdis.is_empty() => {
+            CleanupOutcome::NothingToClean
+        }
+        None => CleanupOutcome::Cleaned {
+            snapshots: r.cleanup.destroyed_vms.len() as u32,
+            vdis: r.cleanup.destroyed_vdis.len() as u32,
+        },
+    };
+    let (outcome, location, bytes) = match (&r.outcome, &r.cleanup_error) {
+        (Ok(c), None) => (
+            Outcome::Succeeded,
+            Some(c.location.clone()),
+            c.bytes_written,
+        ),
+        // Stored and complete, but the pool kept a temporary object: the
+        // cleanup outcome and a run-level problem name it (see `run_job`).
+        (Ok(c), Some(_)) => (
+            Outcome::Succeeded,
+            Some(c.location.clone()),
+            c.bytes_written,
+        ),
+        (Err(e), _) => (Outcome::failed(e.to_string()), None, r.bytes_received),
+    };
+    VmReport {
+        name: name.to_string(),
+        uuid: uuid.to_string(),
+        started: Some(r.started),
+        finished: Some(r.finished),
+        bytes,
+        outcome,
+        cleanup,
+        location,
+        pruned: Vec::new(),
+        notes: r.cleanup.left_alone.clone(),
+    }
+}
+
+fn item_report(kind: ItemKind, name: &str, uuid: Option<String>, r: &ArtifactResult) -> ItemReport {
+    let (outcome, location, bytes) = match &r.outcome {
+        Ok(c) => (
+            Outcome::Succeeded,
+            Some(c.location.clone()),
+            c.bytes_written,
+        ),
+        Err(e) => (Outcome::failed(e.to_string()), None, r.bytes_received),
+    };
+    ItemReport {
+        kind,
+        name: name.to_string(),
+        uuid,
+        started: Some(r.started),
+        finished: Some(r.finished),
+        bytes,
+        outcome,
+        location,
+        pruned: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_are_unique_and_sortable() {
+        let a = new_run_id();
+        let b = new_run_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), "20261122T035012Z-abcdef01".len());
+        assert!(a.contains('T') && a.contains("Z-"));
+    }
+
+    #[test]
+    fn missing_job_is_a_config_error() {
+        let config = Config::default();
+        let err = resolve(&config, "nightly").unwrap_err();
+        assert_eq!(err.exit_status(), ExitStatus::Usage);
+        assert!(err.to_string().contains("no job \"nightly\""));
+    }
+}

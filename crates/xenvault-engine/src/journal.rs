@@ -1,0 +1,1016 @@
+//! The journal of temporary objects: every snapshot (and its VDIs) that
+//! xenvault creates on a pool is written here before and after creation,
+//! tagged in `other_config`, and destroyed by UUID and tag — never by name.
+//!
+//! # How a snapshot is made (see [`snapshot_tagged`])
+//!
+//! 1. A random *token* is drawn and an [`Event::Intent`] line (pool, run, job,
+//!    source VM, token) is appended to `journal.jsonl` in the state directory
+//!    and synced, before anything happens on the pool.
+//! 2. The tags `xenvault:token`, `xenvault:run`, `xenvault:job` are put in the
+//!    SOURCE VM's `other_config`; `VM.snapshot` copies `other_config` to the
+//!    snapshot, so the snapshot carries the tags from the moment it exists
+//!    (no window where an untagged snapshot could leak). The source VM's
+//!    tags are removed right after (and by the sweep if that fails).
+//! 3. [`Event::SnapshotCreated`] (uuid) and [`Event::VdiCreated`] (uuid of
+//!    every snapshot VDI, which also gets the tags) are appended.
+//! 4. Cleanup ([`destroy_token`]) destroys the snapshot VM, then its VDIs,
+//!    each only when its UUID is journaled AND its tag matches (a VDI is also
+//!    accepted when it is a snapshot VDI reached through our tagged snapshot
+//!    VM); `HANDLE_INVALID`/`UUID_INVALID` mean "already gone", `VDI_IN_USE` is
+//!    retried. When everything is gone, [`Event::Done`] closes the token.
+//!
+//! # The sweep
+//!
+//! [`sweep`] runs at the start and at the end of every run: every token of
+//! the pool that is not `Done` and whose run is not alive any more (each run
+//! holds an exclusive lock on `runs/<run-id>.lock`) is cleaned as above; an
+//! intent without a recorded snapshot is resolved by looking at the source
+//! VM's snapshots for one whose `xenvault:token` tag equals the token. Then
+//! the journal is compacted (closed tokens dropped, atomic rename).
+//! Objects whose tag does not match are left alone and reported. Names are
+//! never looked at: a VM called "xenvault snapshot …" is never touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use xenvault_xapi::ErrorCode;
+use xenvault_xapi::records::{VbdType, Vdi, VdiRef, Vm, VmRef};
+use xenvault_xapi::session::Session;
+
+/// `other_config` key: the token of the snapshot operation (unique).
+pub const TAG_TOKEN: &str = "xenvault:token";
+/// `other_config` key: the run id.
+pub const TAG_RUN: &str = "xenvault:run";
+/// `other_config` key: the job name.
+pub const TAG_JOB: &str = "xenvault:job";
+/// The journal's file name in the state directory.
+pub const JOURNAL_FILE: &str = "journal.jsonl";
+
+/// How often `VDI.destroy` is retried on `VDI_IN_USE`, and how long apart.
+const VDI_IN_USE_RETRIES: u32 = 5;
+const VDI_IN_USE_DELAY: Duration = Duration::from_millis(1500);
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// When it was written (RFC 3339).
+    #[serde(with = "xenvault_types::report::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The pool (its configuration name).
+    pub pool: String,
+    /// The run that wrote it.
+    pub run_id: String,
+    /// The job of that run.
+    pub job: String,
+    /// The snapshot operation it belongs to.
+    pub token: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What a journal line records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A snapshot of `source_vm` (uuid) is about to be taken.
+    Intent {
+        /// The UUID of the VM being snapshotted.
+        source_vm: String,
+    },
+    /// The snapshot VM exists.
+    SnapshotCreated {
+        /// Its UUID.
+        uuid: String,
+    },
+    /// A snapshot VDI exists.
+    VdiCreated {
+        /// Its UUID.
+        uuid: String,
+    },
+    /// Everything of the token is gone (or was never created).
+    Done,
+}
+
+/// What the journal says about one snapshot operation still open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outstanding {
+    /// The token.
+    pub token: String,
+    /// The pool.
+    pub pool: String,
+    /// The run.
+    pub run_id: String,
+    /// The job.
+    pub job: String,
+    /// When the intent was written.
+    pub at: OffsetDateTime,
+    /// The source VM's UUID.
+    pub source_vm: String,
+    /// The snapshot VM's UUID, when its creation was recorded.
+    pub snapshot: Option<String>,
+    /// The snapshot VDIs recorded.
+    pub vdis: BTreeSet<String>,
+}
+
+/// A journal failure (file system).
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The state directory or a file in it could not be used.
+    #[error(
+        "journal: cannot {action} {path}: {source} (check the state directory, `state-dir` in the configuration)"
+    )]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// A line could not be encoded.
+    #[error("journal: cannot encode an entry: {0}")]
+    Encode(String),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
+    let path = path.to_path_buf();
+    move |source| JournalError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The default state directory: `$XENVAULT_STATE_DIR`, else
+/// `/var/lib/xenvault` for root, else `$XDG_STATE_HOME/xenvault` or
+/// `~/.local/state/xenvault`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XENVAULT_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if running_as_root() {
+        return PathBuf::from("/var/lib/xenvault");
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("xenvault");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/xenvault"),
+        None => PathBuf::from("/var/lib/xenvault"),
+    }
+}
+
+/// True when the process runs as root (`/proc/self` is owned by the
+/// effective uid).
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The journal file and the run locks in a state directory.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+/// Held while a run is alive: other runs' sweeps leave its objects alone.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Journal {
+    /// Opens (creating, mode 0700) the state directory `dir`.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        std::fs::create_dir_all(dir.join("runs")).map_err(io_err("create", dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The journal file's path.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(JOURNAL_FILE)
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.dir.join("journal.lock")
+    }
+
+    fn run_lock_path(&self, run_id: &str) -> PathBuf {
+        let safe: String = run_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join("runs").join(format!("{safe}.lock"))
+    }
+
+    /// Takes the exclusive journal lock (short critical sections).
+    fn lock(&self) -> Result<File, JournalError> {
+        let path = self.lock_path();
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        file.lock().map_err(io_err("lock", &path))?;
+        Ok(file)
+    }
+
+    /// Marks `run_id` alive until the returned lock is dropped.
+    pub fn begin_run(&self, run_id: &str) -> Result<RunLock, JournalError> {
+        let path = self.run_lock_path(run_id);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        file.lock().map_err(io_err("lock", &path))?;
+        Ok(RunLock { _file: file, path })
+    }
+
+    /// True while the run that wrote `run_id` still holds its lock.
+    pub fn is_run_alive(&self, run_id: &str) -> bool {
+        let path = self.run_lock_path(run_id);
+        let Ok(file) = OpenOptions::new().write(true).open(&path) else {
+            return false;
+        };
+        match file.try_lock() {
+            Ok(()) => false,
+            Err(std::fs::TryLockError::WouldBlock) => true,
+            Err(std::fs::TryLockError::Error(_)) => false,
+        }
+    }
+
+    /// Appends `entry` and syncs it to disk.
+    pub fn append(&self, entry: &Entry) -> Result<(), JournalError> {
+        let mut line =
+            serde_json::to_string(entry).map_err(|e| JournalError::Encode(e.to_string()))?;
+        line.push('\n');
+        let _guard = self.lock()?;
+        let path = self.path();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        file.write_all(line.as_bytes())
+            .map_err(io_err("write", &path))?;
+        file.sync_data().map_err(io_err("sync", &path))?;
+        Ok(())
+    }
+
+    /// Every readable entry (a torn or unreadable line is skipped with a
+    /// warning: a crash may cut the last line).
+    pub fn entries(&self) -> Result<Vec<Entry>, JournalError> {
+        let path = self.path();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        let mut out = Vec::new();
+        for (n, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(io_err("read", &path))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Entry>(&line) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!(
+                    "journal {}: line {} unreadable, skipped: {e}",
+                    path.display(),
+                    n + 1
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The open snapshot operations of `pool` (every pool when `None`).
+    pub fn outstanding(&self, pool: Option<&str>) -> Result<Vec<Outstanding>, JournalError> {
+        Ok(fold(&self.entries()?)
+            .into_values()
+            .filter(|o| pool.is_none_or(|p| o.pool == p))
+            .collect())
+    }
+
+    /// Rewrites the journal without the closed tokens (atomic rename).
+    pub fn compact(&self) -> Result<(), JournalError> {
+        let _guard = self.lock()?;
+        let entries = self.entries()?;
+        let open = fold(&entries);
+        let keep: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| open.contains_key(&e.token))
+            .collect();
+        if keep.len() == entries.len() {
+            return Ok(());
+        }
+        let path = self.path();
+        let tmp = self.dir.join(format!("{JOURNAL_FILE}.tmp"));
+        let mut text = String::new();
+        for e in keep {
+            text.push_str(
+                &serde_json::to_string(e).map_err(|e| JournalError::Encode(e.to_string()))?,
+            );
+            text.push('\n');
+        }
+        {
+            let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+            file.write_all(text.as_bytes())
+                .map_err(io_err("write", &tmp))?;
+            file.sync_all().map_err(io_err("sync", &tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
+        Ok(())
+    }
+}
+
+/// Folds entries into the open tokens (tokens with an intent and no `Done`).
+fn fold(entries: &[Entry]) -> BTreeMap<String, Outstanding> {
+    let mut open: BTreeMap<String, Outstanding> = BTreeMap::new();
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    for e in entries {
+        match &e.event {
+            Event::Intent { source_vm } => {
+                open.entry(e.token.clone()).or_insert_with(|| Outstanding {
+                    token: e.token.clone(),
+                    pool: e.pool.clone(),
+                    run_id: e.run_id.clone(),
+                    job: e.job.clone(),
+                    at: e.at,
+                    source_vm: source_vm.clone(),
+                    snapshot: None,
+                    vdis: BTreeSet::new(),
+                });
+            }
+            Event::SnapshotCreated { uuid } => {
+                if let Some(o) = open.get_mut(&e.token) {
+                    o.snapshot = Some(uuid.clone());
+                }
+            }
+            Event::VdiCreated { uuid } => {
+                if let Some(o) = open.get_mut(&e.token) {
+                    o.vdis.insert(uuid.clone());
+                }
+            }
+            Event::Done => {
+                done.insert(e.token.clone());
+            }
+        }
+    }
+    open.retain(|token, _| !done.contains(token));
+    open
+}
+
+/// Who is writing journal entries: a pool, a job and a run.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    /// The journal.
+    pub journal: Journal,
+    /// The pool's configuration name.
+    pub pool: String,
+    /// The job.
+    pub job: String,
+    /// The run id.
+    pub run_id: String,
+}
+
+impl RunContext {
+    fn entry(&self, token: &str, event: Event) -> Entry {
+        Entry {
+            at: OffsetDateTime::now_utc(),
+            pool: self.pool.clone(),
+            run_id: self.run_id.clone(),
+            job: self.job.clone(),
+            token: token.to_string(),
+            event,
+        }
+    }
+
+    /// Appends an event for `token`.
+    pub fn record(&self, token: &str, event: Event) -> Result<(), JournalError> {
+        self.journal.append(&self.entry(token, event))
+    }
+}
+
+/// A failure while making or destroying temporary objects.
+#[derive(Debug, thiserror::Error)]
+pub enum TempObjectError {
+    /// The journal could not be written: nothing is created without it.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A XAPI call failed.
+    #[error("{step}: {source}")]
+    Xapi {
+        /// What was being done ("snapshot of VM x", "destroy VDI y").
+        step: String,
+        /// The client error (XAPI code and params inside).
+        source: xenvault_xapi::Error,
+    },
+}
+
+impl TempObjectError {
+    fn xapi(step: impl Into<String>) -> impl FnOnce(xenvault_xapi::Error) -> TempObjectError {
+        let step = step.into();
+        move |source| TempObjectError::Xapi { step, source }
+    }
+}
+
+/// A snapshot made by [`snapshot_tagged`].
+#[derive(Debug, Clone)]
+pub struct TaggedSnapshot {
+    /// The journal token.
+    pub token: String,
+    /// The snapshot VM.
+    pub vm_ref: VmRef,
+    /// Its record.
+    pub vm: Vm,
+    /// Its disks' VDIs (snapshot VDIs), with the VBD's userdevice.
+    pub vdis: Vec<(VdiRef, Vdi)>,
+}
+
+fn is_gone(err: &xenvault_xapi::Error) -> bool {
+    err.is_code(&ErrorCode::HandleInvalid) || err.is_code(&ErrorCode::UuidInvalid)
+}
+
+/// Takes a snapshot of `vm` the journaled, tagged way (module docs). On
+/// failure the token stays open: call [`destroy_token`] (the backup does so
+/// whatever happened) or let the next sweep find it.
+pub async fn snapshot_tagged(
+    session: &Session,
+    ctx: &RunContext,
+    vm: &VmRef,
+    vm_uuid: &str,
+    name: &str,
+    ignore_vdis: &[VdiRef],
+) -> Result<TaggedSnapshot, (String, TempObjectError)> {
+    let token = uuid::Uuid::new_v4().to_string();
+    let fail = |e: TempObjectError| (token.clone(), e);
+    ctx.record(
+        &token,
+        Event::Intent {
+            source_vm: vm_uuid.to_string(),
+        },
+    )
+    .map_err(|e| fail(e.into()))?;
+
+    let tags = [
+        (TAG_TOKEN, token.as_str()),
+        (TAG_RUN, ctx.run_id.as_str()),
+        (TAG_JOB, ctx.job.as_str()),
+    ];
+    for (k, v) in tags {
+        session
+            .vm()
+            .put_other_config(vm, k, v)
+            .await
+            .map_err(TempObjectError::xapi(format!(
+                "tag VM {vm_uuid} before its snapshot"
+            )))
+            .map_err(fail)?;
+    }
+    let snapshot = session.vm().snapshot(vm, name, ignore_vdis).await;
+    // The source VM's tags go whatever happened (the sweep retries).
+    let untag = untag_source(session, vm).await;
+    let snap_ref = snapshot
+        .map_err(TempObjectError::xapi(format!("snapshot of VM {vm_uuid}")))
+        .map_err(fail)?;
+    if let Err(e) = untag {
+        tracing::warn!("cannot remove xenvault tags from VM {vm_uuid}: {e}");
+    }
+    let snap = session
+        .vm()
+        .get_record(&snap_ref)
+        .await
+        .map_err(TempObjectError::xapi(format!(
+            "read the snapshot of VM {vm_uuid}"
+        )))
+        .map_err(fail)?;
+    ctx.record(
+        &token,
+        Event::SnapshotCreated {
+            uuid: snap.uuid.clone(),
+        },
+    )
+    .map_err(|e| fail(e.into()))?;
+    let vdis = snapshot_vdis(session, &snap)
+        .await
+        .map_err(TempObjectError::xapi(format!(
+            "read the disks of snapshot {}",
+            snap.uuid
+        )))
+        .map_err(fail)?;
+    for (vdi_ref, vdi) in &vdis {
+        ctx.record(
+            &token,
+            Event::VdiCreated {
+                uuid: vdi.uuid.clone(),
+            },
+        )
+        .map_err(|e| fail(e.into()))?;
+        for (k, v) in tags {
+            session
+                .vdi()
+                .put_other_config(vdi_ref, k, v)
+                .await
+                .map_err(TempObjectError::xapi(format!(
+                    "tag snapshot VDI {}",
+                    vdi.uuid
+                )))
+                .map_err(fail)?;
+        }
+    }
+    Ok(TaggedSnapshot {
+        token,
+        vm_ref: snap_ref,
+        vm: snap,
+        vdis,
+    })
+}
+
+async fn untag_source(session: &Session, vm: &VmRef) -> Result<(), xenvault_xapi::Error> {
+    for k in [TAG_TOKEN, TAG_RUN, TAG_JOB] {
+        session.vm().remove_from_other_config(vm, k).await?;
+    }
+    Ok(())
+}
+
+/// The snapshot VDIs behind a snapshot VM's disk VBDs (only VDIs that are
+/// themselves snapshots: anything else is not ours to destroy).
+async fn snapshot_vdis(
+    session: &Session,
+    snap: &Vm,
+) -> Result<Vec<(VdiRef, Vdi)>, xenvault_xapi::Error> {
+    let mut out = Vec::new();
+    for vbd_ref in &snap.vbds {
+        let vbd = match session.vbd().get_record(vbd_ref).await {
+            Ok(v) => v,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        if vbd.type_ != VbdType::Disk || vbd.empty || vbd.vdi.is_null() {
+            continue;
+        }
+        let vdi = match session.vdi().get_record(&vbd.vdi).await {
+            Ok(v) => v,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        if vdi.is_a_snapshot {
+            out.push((vbd.vdi.clone(), vdi));
+        }
+    }
+    Ok(out)
+}
+
+/// What a cleanup did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanupReport {
+    /// UUIDs of snapshot VMs destroyed.
+    pub destroyed_vms: Vec<String>,
+    /// UUIDs of VDIs destroyed.
+    pub destroyed_vdis: Vec<String>,
+    /// Objects left alone because their tag did not match (uuid: why).
+    pub left_alone: Vec<String>,
+    /// Failures (the token stays open for the next sweep).
+    pub errors: Vec<String>,
+    /// Tokens skipped because their run is still alive.
+    pub skipped_live: usize,
+    /// Tokens closed.
+    pub closed: usize,
+}
+
+impl CleanupReport {
+    fn merge(&mut self, other: CleanupReport) {
+        self.destroyed_vms.extend(other.destroyed_vms);
+        self.destroyed_vdis.extend(other.destroyed_vdis);
+        self.left_alone.extend(other.left_alone);
+        self.errors.extend(other.errors);
+        self.skipped_live += other.skipped_live;
+        self.closed += other.closed;
+    }
+
+    /// True when nothing failed.
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Destroys everything of one open token (snapshot VM, then its VDIs) by
+/// UUID and tag; records `Done` when nothing is left.
+pub async fn destroy_token(
+    session: &Session,
+    journal: &Journal,
+    open: &Outstanding,
+) -> CleanupReport {
+    let mut report = CleanupReport::default();
+    let mut vdis: BTreeSet<String> = open.vdis.clone();
+    // VDIs reached through our own tagged snapshot VM (not journaled yet).
+    let mut reached: BTreeSet<String> = BTreeSet::new();
+
+    // 1. Find the snapshot VM: by the recorded UUID, else among the source
+    //    VM's snapshots by token.
+    let snapshot = match &open.snapshot {
+        Some(uuid) => match session.vm().get_by_uuid(uuid).await {
+            Ok(r) => match session.vm().get_record(&r).await {
+                Ok(rec) => Some((r, rec)),
+                Err(e) if is_gone(&e) => None,
+                Err(e) => {
+                    report.errors.push(format!("read snapshot {uuid}: {e}"));
+                    return report;
+                }
+            },
+            Err(e) if is_gone(&e) => None,
+            Err(e) => {
+                report.errors.push(format!("find snapshot {uuid}: {e}"));
+                return report;
+            }
+        },
+        None => match find_by_token(session, open).await {
+            Ok(found) => found,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        },
+    };
+
+    if let Some((snap_ref, snap)) = snapshot {
+        let tag = snap.other_config.get(TAG_TOKEN).map(String::as_str);
+        if !snap.is_a_snapshot || tag != Some(open.token.as_str()) {
+            report.left_alone.push(format!(
+                "VM {}: journaled by run {} but its {TAG_TOKEN} tag is {:?}, not {}; left alone",
+                snap.uuid, open.run_id, tag, open.token
+            ));
+        } else {
+            match snapshot_vdis(session, &snap).await {
+                Ok(found) => {
+                    for (_, vdi) in found {
+                        reached.insert(vdi.uuid.clone());
+                        vdis.insert(vdi.uuid);
+                    }
+                }
+                Err(e) => {
+                    report
+                        .errors
+                        .push(format!("read the disks of snapshot {}: {e}", snap.uuid));
+                    return report;
+                }
+            }
+            // Journal them before the VM (and with it the VBDs) goes.
+            for uuid in reached.iter().filter(|u| !open.vdis.contains(*u)) {
+                let entry = Entry {
+                    at: OffsetDateTime::now_utc(),
+                    pool: open.pool.clone(),
+                    run_id: open.run_id.clone(),
+                    job: open.job.clone(),
+                    token: open.token.clone(),
+                    event: Event::VdiCreated { uuid: uuid.clone() },
+                };
+                if let Err(e) = journal.append(&entry) {
+                    report.errors.push(e.to_string());
+                    return report;
+                }
+            }
+            match session.vm().destroy(&snap_ref).await {
+                Ok(()) => report.destroyed_vms.push(snap.uuid.clone()),
+                Err(e) if is_gone(&e) => {}
+                Err(e) => {
+                    report
+                        .errors
+                        .push(format!("destroy snapshot VM {}: {e}", snap.uuid));
+                    return report;
+                }
+            }
+        }
+    }
+
+    // 2. The VDIs.
+    for uuid in &vdis {
+        match destroy_vdi(session, uuid, &open.token, reached.contains(uuid)).await {
+            Ok(VdiFate::Destroyed) => report.destroyed_vdis.push(uuid.clone()),
+            Ok(VdiFate::Gone) => {}
+            Ok(VdiFate::LeftAlone(why)) => report.left_alone.push(why),
+            Err(e) => report.errors.push(e),
+        }
+    }
+
+    // 3. The source VM's tags, if they are still ours.
+    if let Ok(src) = session.vm().get_by_uuid(&open.source_vm).await
+        && let Ok(rec) = session.vm().get_record(&src).await
+        && rec.other_config.get(TAG_TOKEN) == Some(&open.token)
+        && let Err(e) = untag_source(session, &src).await
+    {
+        report.errors.push(format!(
+            "remove xenvault tags from VM {}: {e}",
+            open.source_vm
+        ));
+    }
+
+    if report.errors.is_empty() {
+        let entry = Entry {
+            at: OffsetDateTime::now_utc(),
+            pool: open.pool.clone(),
+            run_id: open.run_id.clone(),
+            job: open.job.clone(),
+            token: open.token.clone(),
+            event: Event::Done,
+        };
+        match journal.append(&entry) {
+            Ok(()) => report.closed += 1,
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    report
+}
+
+enum VdiFate {
+    Destroyed,
+    Gone,
+    LeftAlone(String),
+}
+
+async fn destroy_vdi(
+    session: &Session,
+    uuid: &str,
+    token: &str,
+    reached_through_our_snapshot: bool,
+) -> Result<VdiFate, String> {
+    let vdi_ref = match session.vdi().get_by_uuid(uuid).await {
+        Ok(r) => r,
+        Err(e) if is_gone(&e) => return Ok(VdiFate::Gone),
+        Err(e) => return Err(format!("find VDI {uuid}: {e}")),
+    };
+    let vdi = match session.vdi().get_record(&vdi_ref).await {
+        Ok(v) => v,
+        Err(e) if is_gone(&e) => return Ok(VdiFate::Gone),
+        Err(e) => return Err(format!("read VDI {uuid}: {e}")),
+    };
+    let tag = vdi.other_config.get(TAG_TOKEN).map(String::as_str);
+    let tag_ok = tag == Some(token) || (tag.is_none() && reached_through_our_snapshot);
+    if !vdi.is_a_snapshot || !tag_ok {
+        return Ok(VdiFate::LeftAlone(format!(
+            "VDI {uuid}: journaled but not a snapshot VDI tagged {token} (tag {tag:?}); left alone"
+        )));
+    }
+    let mut attempt = 0;
+    loop {
+        match session.vdi().destroy(&vdi_ref).await {
+            Ok(()) => return Ok(VdiFate::Destroyed),
+            Err(e) if is_gone(&e) => return Ok(VdiFate::Gone),
+            Err(e) if e.is_code(&ErrorCode::VdiInUse) && attempt < VDI_IN_USE_RETRIES => {
+                attempt += 1;
+                tracing::info!("VDI {uuid} in use; retry {attempt} of {VDI_IN_USE_RETRIES}");
+                tokio::time::sleep(VDI_IN_USE_DELAY).await;
+            }
+            Err(e) => return Err(format!("destroy VDI {uuid}: {e}")),
+        }
+    }
+}
+
+async fn find_by_token(
+    session: &Session,
+    open: &Outstanding,
+) -> Result<Option<(VmRef, Vm)>, String> {
+    let src = match session.vm().get_by_uuid(&open.source_vm).await {
+        Ok(r) => r,
+        // The source VM is gone: its snapshots may remain; look at all snapshots.
+        Err(e) if is_gone(&e) => return find_among_all(session, open).await,
+        Err(e) => return Err(format!("find VM {}: {e}", open.source_vm)),
+    };
+    let rec = match session.vm().get_record(&src).await {
+        Ok(r) => r,
+        Err(e) if is_gone(&e) => return find_among_all(session, open).await,
+        Err(e) => return Err(format!("read VM {}: {e}", open.source_vm)),
+    };
+    for snap in &rec.snapshots {
+        match session.vm().get_record(snap).await {
+            Ok(s)
+                if s.is_a_snapshot
+                    && s.other_config.get(TAG_TOKEN) == Some(&open.token)
+                    && near_intent(&s, open) =>
+            {
+                return Ok(Some((snap.clone(), s)));
+            }
+            Ok(_) => {}
+            Err(e) if is_gone(&e) => {}
+            Err(e) => return Err(format!("read a snapshot of VM {}: {e}", open.source_vm)),
+        }
+    }
+    Ok(None)
+}
+
+/// A snapshot found by token only (its UUID was never journaled) must also
+/// have been taken around the intent: a user's snapshot taken much later,
+/// while a crashed run's tags were still on the source VM, inherits the
+/// token but not the time. The window is wide (clock skew between xenvault's
+/// host and the pool).
+fn near_intent(snap: &Vm, open: &Outstanding) -> bool {
+    let window = time::Duration::hours(1);
+    let t = snap.snapshot_time.0;
+    t >= open.at - window && t <= open.at + window
+}
+
+async fn find_among_all(
+    session: &Session,
+    open: &Outstanding,
+) -> Result<Option<(VmRef, Vm)>, String> {
+    let all = session
+        .vm()
+        .get_all_records()
+        .await
+        .map_err(|e| format!("list VMs: {e}"))?;
+    Ok(all.into_iter().find(|(_, v)| {
+        v.is_a_snapshot
+            && v.other_config.get(TAG_TOKEN) == Some(&open.token)
+            && near_intent(v, open)
+    }))
+}
+
+/// Cleans every open token of `pool` whose run is not alive (`own_run`
+/// counts as not alive: the end-of-run sweep passes its own id), then
+/// compacts the journal.
+pub async fn sweep(
+    session: &Session,
+    journal: &Journal,
+    pool: &str,
+    own_run: Option<&str>,
+) -> Result<CleanupReport, JournalError> {
+    let mut report = CleanupReport::default();
+    for open in journal.outstanding(Some(pool))? {
+        if Some(open.run_id.as_str()) != own_run && journal.is_run_alive(&open.run_id) {
+            report.skipped_live += 1;
+            continue;
+        }
+        report.merge(destroy_token(session, journal, &open).await);
+    }
+    if let Err(e) = journal.compact() {
+        report.errors.push(e.to_string());
+    }
+    Ok(report)
+}
+
+/// Snapshots on the pool tagged by xenvault for `job` whose token is not
+/// open in the journal (e.g. the state directory was lost): reported, never
+/// destroyed automatically (their run may live on another machine).
+pub async fn tagged_orphans(
+    session: &Session,
+    journal: &Journal,
+    job: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let open: BTreeSet<String> = journal
+        .outstanding(None)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|o| o.token)
+        .collect();
+    let all = session
+        .vm()
+        .get_all_records()
+        .await
+        .map_err(|e| format!("list VMs: {e}"))?;
+    Ok(all
+        .into_values()
+        .filter(|v| v.is_a_snapshot)
+        .filter(|v| v.other_config.get(TAG_JOB).map(String::as_str) == Some(job))
+        .filter(|v| {
+            v.other_config
+                .get(TAG_TOKEN)
+                .is_some_and(|t| !open.contains(t))
+        })
+        .map(|v| (v.uuid, v.name_label))
+        .collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ctx(dir: &Path, run: &str) -> RunContext {
+        RunContext {
+            journal: Journal::open(dir).unwrap(),
+            pool: "p".into(),
+            job: "j".into(),
+            run_id: run.into(),
+        }
+    }
+
+    #[test]
+    fn intent_created_done_fold_and_compact() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), "r1");
+        c.record(
+            "t1",
+            Event::Intent {
+                source_vm: "vm1".into(),
+            },
+        )
+        .unwrap();
+        c.record("t1", Event::SnapshotCreated { uuid: "s1".into() })
+            .unwrap();
+        c.record("t1", Event::VdiCreated { uuid: "d1".into() })
+            .unwrap();
+        c.record(
+            "t2",
+            Event::Intent {
+                source_vm: "vm2".into(),
+            },
+        )
+        .unwrap();
+        let open = c.journal.outstanding(Some("p")).unwrap();
+        assert_eq!(open.len(), 2);
+        let t1 = open.iter().find(|o| o.token == "t1").unwrap();
+        assert_eq!(t1.snapshot.as_deref(), Some("s1"));
+        assert!(t1.vdis.contains("d1"));
+        assert!(c.journal.outstanding(Some("other")).unwrap().is_empty());
+
+        c.record("t1", Event::Done).unwrap();
+        c.journal.compact().unwrap();
+        let text = std::fs::read_to_string(c.journal.path()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("\"t2\""));
+        let open = c.journal.outstanding(None).unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].source_vm, "vm2");
+    }
+
+    #[test]
+    fn torn_last_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), "r1");
+        c.record(
+            "t1",
+            Event::Intent {
+                source_vm: "vm1".into(),
+            },
+        )
+        .unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(c.journal.path())
+            .unwrap();
+        f.write_all(b"{\"at\":\"2026-").unwrap();
+        assert_eq!(c.journal.entries().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn run_lock_marks_a_run_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        assert!(!j.is_run_alive("r1"));
+        let lock = j.begin_run("r1").unwrap();
+        assert!(j.is_run_alive("r1"));
+        drop(lock);
+        assert!(!j.is_run_alive("r1"));
+    }
+
+    #[test]
+    fn entry_lines_are_json() {
+        let e = Entry {
+            at: OffsetDateTime::UNIX_EPOCH,
+            pool: "p".into(),
+            run_id: "r".into(),
+            job: "j".into(),
+            token: "t".into(),
+            event: Event::SnapshotCreated { uuid: "u".into() },
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert!(s.contains("\"event\":\"snapshot-created\""), "{s}");
+        assert_eq!(serde_json::from_str::<Entry>(&s).unwrap(), e);
+    }
+}

@@ -1,0 +1,549 @@
+//! Whole-VM restore: the restore point's XVA goes through `PUT /import`
+//! (Content-Length, never chunked; inside a task whose result is the set of
+//! VM refs created) to the chosen SR, as a new VM with a new name or with its
+//! original identity, optionally started. XAPI matches networks by name (then
+//! bridge) and creates missing ones, in any pool.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use xenvault_formats::xva::OvaXml;
+use xenvault_types::Value;
+use xenvault_xapi::http::handler_url;
+use xenvault_xapi::records::{VbdType, VmRef};
+
+use super::connect::{PoolConnection, settle_transfer};
+use futures::StreamExt as _;
+
+use super::content::{XvaRewrite, prepare_xva, rewritten_xva_stream, set_field, strip_map_keys};
+use super::point::ArchivePoint;
+use super::point::DataFile;
+use super::rebuild::{RebuiltXva, measure, rebuild, xva_stream};
+use super::verify::verify_point;
+use super::{Cancel, ProgressFn, RESTORED_FROM_KEY, RestoreError, RestorePhase, RestoreProgress};
+
+/// Which identity the restored VM gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmIdentity {
+    /// A new VM (new uuid and MACs) named `name`, or
+    /// `"<original name> (restored <timestamp>)"`.
+    New {
+        /// The new name.
+        name: Option<String>,
+    },
+    /// The original uuid and MACs (`/import?restore=true`). Refused while the
+    /// original VM exists, unless `force` (XAPI then replaces its record).
+    Preserve {
+        /// Replace an existing VM with that uuid.
+        force: bool,
+    },
+}
+
+/// How to restore a VM.
+#[derive(Debug, Clone)]
+pub struct VmRestoreOptions {
+    /// SR uuid or ref; `None` = the pool's default SR.
+    pub sr: Option<String>,
+    /// New VM or original identity.
+    pub identity: VmIdentity,
+    /// Start the VM once restored.
+    pub start: bool,
+    /// Check the restore point's SHA-256 sums first (default true).
+    pub verify: bool,
+    /// Stops the restore when set (see [`Cancel`]).
+    pub cancel: Cancel,
+}
+
+impl Default for VmRestoreOptions {
+    fn default() -> Self {
+        VmRestoreOptions {
+            sr: None,
+            identity: VmIdentity::New { name: None },
+            start: false,
+            verify: true,
+            cancel: Cancel::default(),
+        }
+    }
+}
+
+/// One disk of a restored VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredVmDisk {
+    /// Position (`0`, `1`, …).
+    pub userdevice: String,
+    /// The new VDI's uuid.
+    pub vdi_uuid: String,
+    /// Its name.
+    pub name: String,
+    /// Its size, bytes.
+    pub virtual_size: u64,
+}
+
+/// What a VM restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredVm {
+    /// The restore point (`<vm>/<timestamp>`).
+    pub source: String,
+    /// The restore point's directory.
+    pub source_dir: String,
+    /// The new VM's ref.
+    pub vm_ref: String,
+    /// Its uuid.
+    pub uuid: String,
+    /// Its name.
+    pub name: String,
+    /// The original VM's uuid (from the archive).
+    pub original_uuid: String,
+    /// The identity was kept.
+    pub preserved_identity: bool,
+    /// The SR its disks went to.
+    pub sr_uuid: String,
+    /// Its disks.
+    pub disks: Vec<RestoredVmDisk>,
+    /// Networks of the archive that the pool lacked (XAPI created them).
+    pub networks_created: Vec<String>,
+    /// Bytes sent to the pool.
+    pub bytes: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// The archive's checksums were checked first.
+    pub verified: bool,
+    /// The VM was started.
+    pub started: bool,
+    /// Why starting failed (the VM is kept, halted).
+    pub start_error: Option<String>,
+}
+
+/// The VM of an `ova.xml`: (uuid, name).
+fn ova_vm(ova: &OvaXml) -> Option<(String, String)> {
+    ova.objects_of_class("VM")
+        .find(|o| {
+            o.snapshot
+                .get("is_a_snapshot")
+                .and_then(|v| v.as_bool().ok())
+                != Some(true)
+        })
+        .or_else(|| ova.objects_of_class("VM").next())
+        .map(|o| {
+            let s = |k: &str| {
+                o.snapshot
+                    .get(k)
+                    .and_then(|v| v.as_str().ok())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            (s("uuid"), s("name_label"))
+        })
+}
+
+fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(|v| v.as_str().ok()).unwrap_or_default()
+}
+
+/// Where the uploaded XVA comes from.
+enum Source {
+    /// The archive's XVA (file, content length, `ova.xml` rewrite).
+    Xva(DataFile, u64, XvaRewrite),
+    /// Rebuilt from per-disk files.
+    Rebuilt(RebuiltXva),
+}
+
+/// Restores the VM of `point` into the pool of `pool`: from its XVA, or
+/// from its per-disk files and `vm.json` (rebuilt into an XVA on the way).
+pub async fn restore_vm(
+    pool: &PoolConnection,
+    point: &ArchivePoint,
+    options: &VmRestoreOptions,
+    progress: ProgressFn,
+) -> Result<RestoredVm, RestoreError> {
+    let started_at = Instant::now();
+    let xva = point.xva().cloned();
+    if !point.complete {
+        return Err(RestoreError::Unusable {
+            dir: point.dir.clone(),
+            reason: "the backup did not finish (no success marker): it cannot be restored".into(),
+        });
+    }
+
+    // 1. The archive, before anything touches the pool.
+    let verified = {
+        let owned = point.clone();
+        let progress = progress.clone();
+        let check = options.verify;
+        tokio::task::spawn_blocking(move || verify_point(&owned, check, &progress))
+            .await
+            .map_err(|e| RestoreError::Unusable {
+                dir: point.dir.clone(),
+                reason: format!("the check stopped: {e}"),
+            })??
+    };
+
+    // 2. The pool side: SR, identity clash.
+    let (sr_ref, sr) = pool.choose_sr(options.sr.as_deref()).await?;
+    let session = &pool.session;
+    let preserve = matches!(options.identity, VmIdentity::Preserve { .. });
+    // The archive holds a snapshot's export: its uuid and name are the
+    // snapshot's. The original VM's come from the restore point.
+    let original_name = point.vm_name.clone();
+    let original_uuid = point.vm_uuid.clone();
+    if let (VmIdentity::Preserve { force }, Some(uuid)) = (&options.identity, &original_uuid)
+        && let Ok(existing) = session.vm().get_by_uuid(uuid).await
+    {
+        let name = session
+            .vm()
+            .get_record(&existing)
+            .await
+            .map(|r| r.name_label)
+            .unwrap_or_default();
+        if !force {
+            return Err(RestoreError::OriginalExists {
+                uuid: uuid.clone(),
+                name,
+            });
+        }
+        tracing::warn!(vm = %uuid, "--force: XAPI replaces the existing VM record");
+    }
+    let name = match &options.identity {
+        VmIdentity::New { name: Some(n) } => n.clone(),
+        VmIdentity::New { name: None } => default_name(&original_name, &point.timestamp),
+        VmIdentity::Preserve { .. } => original_name.clone(),
+    };
+
+    // The XVA's ova.xml, rewritten on the way (docs/xapi-notes.md, "Restore
+    // through /import and /import_raw_vdi"): the VM's name (and uuid when
+    // the identity is kept), no template/snapshot flags, and no xenvault
+    // tags (`xenvault:*` in other_config mark temporary objects for the
+    // backup's clean-up: a restored VM must never look like one).
+    // A per-disk restore point is rebuilt into an XVA from vm.json and the
+    // disk files (see `rebuild`).
+    let uuid = if preserve {
+        original_uuid.clone()
+    } else {
+        None
+    };
+    let (source, ova, upload_len) = {
+        let owned = point.clone();
+        let (xva, name) = (xva.clone(), name.clone());
+        let verified = verified.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, RestoreError> {
+            match xva {
+                Some(xva) => {
+                    let content_len = verified.content_len_of(&xva);
+                    let rewrite = prepare_xva(&xva, |ova| edit_ova(ova, &name, uuid.as_deref()))?;
+                    let ova = rewrite.ova.clone();
+                    let len = rewrite.new_len(content_len);
+                    Ok((Source::Xva(xva, content_len, rewrite), ova, len))
+                }
+                None => {
+                    let mut rebuilt = rebuild(&owned)?;
+                    edit_ova(&mut rebuilt.ova, &name, uuid.as_deref());
+                    let len = measure(&rebuilt)?;
+                    let ova = rebuilt.ova.clone();
+                    Ok((Source::Rebuilt(rebuilt), ova, len))
+                }
+            }
+        })
+        .await
+        .map_err(|e| RestoreError::Unusable {
+            dir: point.dir.clone(),
+            reason: format!("reading the archive stopped: {e}"),
+        })??
+    };
+    let (archived_uuid, _) = ova_vm(&ova).ok_or_else(|| RestoreError::Unusable {
+        dir: point.dir.clone(),
+        reason: "its ova.xml holds no VM".into(),
+    })?;
+    let original_uuid = original_uuid.unwrap_or(archived_uuid);
+    let networks_created = missing_networks(pool, &ova).await?;
+
+    // 3. The upload, inside a task.
+    let what = format!(
+        "import of {} into SR {} ({})",
+        match &source {
+            Source::Xva(xva, ..) => xva.path.display().to_string(),
+            Source::Rebuilt(_) => format!("the disks of {}", point.dir.display()),
+        },
+        sr.uuid,
+        sr.name_label
+    );
+    let task = session
+        .create_task(&format!("xenvault restore {}", point.label()), "")
+        .await
+        .map_err(|e| RestoreError::xapi("cannot create the import task", e))?;
+    let task_id = task.id().to_string();
+    let mut params = vec![("sr_id", sr_ref.as_str())];
+    if preserve {
+        params.push(("restore", "true"));
+    }
+    let url = handler_url(
+        &session.base_url(),
+        "/import",
+        session.session_ref().expose(),
+        Some(task.id()),
+        &params,
+    );
+    let body = match source {
+        Source::Xva(xva, content_len, rewrite) => rewritten_xva_stream(
+            xva,
+            content_len,
+            &rewrite,
+            progress.clone(),
+            options.cancel.clone(),
+        )
+        .boxed(),
+        Source::Rebuilt(rebuilt) => xva_stream(
+            rebuilt,
+            upload_len,
+            progress.clone(),
+            options.cancel.clone(),
+        )
+        .boxed(),
+    };
+    let sent = pool.transfer.put(url, body, upload_len).await;
+    progress(RestoreProgress {
+        phase: RestorePhase::Finishing,
+        done: upload_len,
+        total: upload_len,
+    });
+    let record = match settle_transfer(task, sent, &what, &options.cancel).await {
+        Ok(r) => r,
+        Err(e) => {
+            // XAPI removes what a failed import made; check it did.
+            return Err(match pool.sweep_import_leftovers(&task_id).await {
+                Ok(()) => e,
+                Err(leftovers) => RestoreError::CleanupFailed {
+                    cause: Box::new(e),
+                    leftovers,
+                },
+            });
+        }
+    };
+    let vms: Vec<VmRef> = xenvault_xapi::task::parse_task_result(&what, &record.result)
+        .map_err(|e| RestoreError::xapi(&what, e))?;
+    if options.cancel.is_cancelled() {
+        // Cancelled too late for XAPI to stop: remove what it made.
+        let mut leftovers = Vec::new();
+        for vm in &vms {
+            if let Err(problem) = pool.destroy_vm_and_disks(vm).await {
+                leftovers.push(problem);
+            }
+        }
+        return Err(if leftovers.is_empty() {
+            RestoreError::Cancelled
+        } else {
+            RestoreError::CleanupFailed {
+                cause: Box::new(RestoreError::Cancelled),
+                leftovers: leftovers.join("; "),
+            }
+        });
+    }
+
+    // 4. Name, tag, describe; anything failing here removes what was made.
+    progress(RestoreProgress {
+        phase: RestorePhase::Configuring,
+        done: 0,
+        total: 0,
+    });
+    let configured = configure(pool, point, &vms, &name).await;
+    let (vm_ref, mut restored) = match configured {
+        Ok(v) => v,
+        Err(e) => {
+            let mut leftovers = Vec::new();
+            for vm in &vms {
+                if let Err(problem) = pool.destroy_vm_and_disks(vm).await {
+                    leftovers.push(problem);
+                }
+            }
+            return Err(if leftovers.is_empty() {
+                e
+            } else {
+                RestoreError::CleanupFailed {
+                    cause: Box::new(e),
+                    leftovers: leftovers.join("; "),
+                }
+            });
+        }
+    };
+    restored.source = point.label();
+    restored.source_dir = point.dir.display().to_string();
+    restored.original_uuid = original_uuid;
+    restored.preserved_identity = preserve;
+    restored.sr_uuid = sr.uuid.clone();
+    restored.networks_created = networks_created;
+    restored.bytes = upload_len;
+    restored.verified = verified.checked;
+
+    // 5. Start: a failure keeps the restored VM (halted) and is reported.
+    if options.start {
+        match session.vm().start(&vm_ref, false, false).await {
+            Ok(()) => restored.started = true,
+            Err(e) => restored.start_error = Some(e.to_string()),
+        }
+    }
+    restored.seconds = started_at.elapsed().as_secs_f64();
+    Ok(restored)
+}
+
+/// Renames and tags the imported VM; returns it and its description.
+async fn configure(
+    pool: &PoolConnection,
+    point: &ArchivePoint,
+    vms: &[VmRef],
+    name: &str,
+) -> Result<(VmRef, RestoredVm), RestoreError> {
+    let session = &pool.session;
+    let mut main = None;
+    for vm in vms {
+        let rec = session
+            .vm()
+            .get_record(vm)
+            .await
+            .map_err(|e| RestoreError::xapi("cannot read the imported VM", e))?;
+        if !rec.is_a_snapshot {
+            main = Some((vm.clone(), rec));
+            break;
+        }
+    }
+    let (vm_ref, rec) = main.ok_or_else(|| RestoreError::Unusable {
+        dir: point.dir.clone(),
+        reason: format!("the import created no VM (task result: {} refs)", vms.len()),
+    })?;
+    let name = name.to_string();
+    if name != rec.name_label {
+        session
+            .vm()
+            .set_name_label(&vm_ref, &name)
+            .await
+            .map_err(|e| RestoreError::xapi("cannot rename the restored VM", e))?;
+    }
+    // Restored VMs come in as plain VMs even from a snapshot's export.
+    if rec.is_a_template {
+        session
+            .vm()
+            .set_is_a_template(&vm_ref, false)
+            .await
+            .map_err(|e| RestoreError::xapi("cannot clear the template flag", e))?;
+    }
+    session
+        .vm()
+        .put_other_config(&vm_ref, RESTORED_FROM_KEY, &point.label())
+        .await
+        .map_err(|e| RestoreError::xapi("cannot tag the restored VM", e))?;
+    let mut disks = Vec::new();
+    for vbd_ref in &rec.vbds {
+        let vbd = session
+            .vbd()
+            .get_record(vbd_ref)
+            .await
+            .map_err(|e| RestoreError::xapi("cannot read a VBD of the restored VM", e))?;
+        if vbd.type_ != VbdType::Disk || vbd.empty || vbd.vdi.is_null() {
+            continue;
+        }
+        let vdi = session
+            .vdi()
+            .get_record(&vbd.vdi)
+            .await
+            .map_err(|e| RestoreError::xapi("cannot read a disk of the restored VM", e))?;
+        disks.push(RestoredVmDisk {
+            userdevice: vbd.userdevice.clone(),
+            vdi_uuid: vdi.uuid.clone(),
+            name: vdi.name_label.clone(),
+            virtual_size: u64::try_from(vdi.virtual_size).unwrap_or(0),
+        });
+    }
+    disks.sort_by(|a, b| a.userdevice.cmp(&b.userdevice));
+    Ok((
+        vm_ref.clone(),
+        RestoredVm {
+            source: String::new(),
+            source_dir: String::new(),
+            vm_ref: vm_ref.as_str().to_string(),
+            uuid: rec.uuid.clone(),
+            name,
+            original_uuid: String::new(),
+            preserved_identity: false,
+            sr_uuid: String::new(),
+            disks,
+            networks_created: Vec::new(),
+            bytes: 0,
+            seconds: 0.0,
+            verified: false,
+            started: false,
+            start_error: None,
+        },
+    ))
+}
+
+/// The `ova.xml` edits of a restore: the VM's name (and uuid when given),
+/// not a template or snapshot; no `xenvault:*` tags on any object.
+fn edit_ova(ova: &mut OvaXml, name: &str, uuid: Option<&str>) {
+    let main_id = ova
+        .objects_of_class("VM")
+        .find(|o| {
+            o.snapshot
+                .get("is_a_snapshot")
+                .and_then(|v| v.as_bool().ok())
+                != Some(true)
+        })
+        .or_else(|| ova.objects_of_class("VM").next())
+        .map(|o| o.id.clone());
+    for object in &mut ova.objects {
+        strip_map_keys(&mut object.snapshot, "other_config", TEMPORARY_TAG_PREFIX);
+        if object.class == "VM" && Some(&object.id) == main_id.as_ref() {
+            set_field(&mut object.snapshot, "name_label", Value::str(name));
+            set_field(&mut object.snapshot, "is_a_template", Value::Bool(false));
+            set_field(&mut object.snapshot, "is_a_snapshot", Value::Bool(false));
+            if let Some(uuid) = uuid {
+                set_field(&mut object.snapshot, "uuid", Value::str(uuid));
+            }
+        }
+    }
+}
+
+/// The prefix of the `other_config` keys that mark xenvault's temporary
+/// objects (see `crate::journal`).
+pub const TEMPORARY_TAG_PREFIX: &str = "xenvault:";
+
+/// `"<name> (restored <timestamp>)"`.
+pub fn default_name(original: &str, timestamp: &str) -> String {
+    format!("{original} (restored {timestamp})")
+}
+
+/// Networks of the archive that the pool lacks, matched as XAPI's import
+/// does: by `name_label`, then by `bridge` (xen-api `import.ml`, `Net`).
+async fn missing_networks(
+    pool: &PoolConnection,
+    ova: &OvaXml,
+) -> Result<Vec<String>, RestoreError> {
+    let existing = pool
+        .session
+        .network()
+        .get_all_records()
+        .await
+        .map_err(|e| RestoreError::xapi("cannot list the pool's networks", e))?;
+    let mut missing = Vec::new();
+    for net in ova.objects_of_class("network") {
+        let name = str_field(&net.snapshot, "name_label");
+        let bridge = str_field(&net.snapshot, "bridge");
+        let found = existing.values().any(|n| {
+            (!name.is_empty() && n.name_label == name) || (!bridge.is_empty() && n.bridge == bridge)
+        });
+        if !found {
+            missing.push(name.to_string());
+        }
+    }
+    Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names() {
+        assert_eq!(
+            default_name("web", "20261122-010000"),
+            "web (restored 20261122-010000)"
+        );
+    }
+}
