@@ -172,3 +172,28 @@ fn logs_older_than_n_days_are_removed() {
             .is_empty()
     );
 }
+
+#[test]
+fn runs_started_in_the_same_second_keep_their_own_logs_and_expire_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = sample_report();
+    let mut second = sample_report();
+    second.run_id = format!("{}-again", second.run_id);
+    let a = (
+        write_run_log(tmp.path(), &first).unwrap(),
+        write_json_report(tmp.path(), &first).unwrap(),
+    );
+    let b = (
+        write_run_log(tmp.path(), &second).unwrap(),
+        write_json_report(tmp.path(), &second).unwrap(),
+    );
+    assert_eq!(a.0, tmp.path().join("_logs/nightly-20261122-010000.log"));
+    assert_eq!(a.1, tmp.path().join("_logs/nightly-20261122-010000.json"));
+    assert_eq!(b.0, tmp.path().join("_logs/nightly-20261122-010000.1.log"));
+    assert_eq!(b.1, tmp.path().join("_logs/nightly-20261122-010000.1.json"));
+    assert!(std::fs::read_to_string(&b.0).unwrap().contains(&second.run_id));
+    assert!(!std::fs::read_to_string(&a.0).unwrap().contains(&second.run_id));
+    // Both runs' files expire together.
+    let later = datetime!(2026-12-31 00:00:00 UTC);
+    assert_eq!(expire_logs(tmp.path(), 15, later).unwrap().len(), 4);
+}

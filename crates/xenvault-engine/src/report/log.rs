@@ -305,12 +305,24 @@ pub fn render_json(report: &RunReport) -> Result<String, ReportError> {
     Ok(serde_json::to_string_pretty(&value)? + "\n")
 }
 
+/// `<root>/_logs/<job>-<YYYYMMDD-HHMMSS>.<ext>`; when a run of the same job
+/// started in the same second already wrote that name, `<job>-<ts>.<n>.<ext>`
+/// with the first free `n`, so no run's log replaces another's.
 fn log_path(root: &Path, report: &RunReport, ext: &str) -> PathBuf {
-    root.join(LOGS_DIR).join(format!(
-        "{}-{}.{ext}",
+    let dir = root.join(LOGS_DIR);
+    let stem = format!(
+        "{}-{}",
         sanitize_name(&report.job),
         format_timestamp(report.started)
-    ))
+    );
+    let first = dir.join(format!("{stem}.{ext}"));
+    if !first.exists() {
+        return first;
+    }
+    (1u32..)
+        .map(|n| dir.join(format!("{stem}.{n}.{ext}")))
+        .find(|p| !p.exists())
+        .unwrap_or(first)
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<(), ReportError> {
@@ -368,6 +380,11 @@ pub fn expire_logs(
             .or_else(|| name.strip_suffix(".json"))
         else {
             continue;
+        };
+        // `<job>-<ts>.<n>` when several runs started in the same second.
+        let stem = match stem.rsplit_once('.') {
+            Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+            _ => stem,
         };
         let Some(ts) = stem.len().checked_sub(15).and_then(|i| stem.get(i..)) else {
             continue;
