@@ -191,8 +191,16 @@ fn runs_started_in_the_same_second_keep_their_own_logs_and_expire_alike() {
     assert_eq!(a.1, tmp.path().join("_logs/nightly-20261122-010000.json"));
     assert_eq!(b.0, tmp.path().join("_logs/nightly-20261122-010000.1.log"));
     assert_eq!(b.1, tmp.path().join("_logs/nightly-20261122-010000.1.json"));
-    assert!(std::fs::read_to_string(&b.0).unwrap().contains(&second.run_id));
-    assert!(!std::fs::read_to_string(&a.0).unwrap().contains(&second.run_id));
+    assert!(
+        std::fs::read_to_string(&b.0)
+            .unwrap()
+            .contains(&second.run_id)
+    );
+    assert!(
+        !std::fs::read_to_string(&a.0)
+            .unwrap()
+            .contains(&second.run_id)
+    );
     // Both runs' files expire together.
     let later = datetime!(2026-12-31 00:00:00 UTC);
     assert_eq!(expire_logs(tmp.path(), 15, later).unwrap().len(), 4);
