@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 use xenvault_engine::restore::{ChecksumStatus, ListedPoint, RestoreError, list_points};
 
+use crate::config_file::load_config;
 use crate::exit::{ExitCode, UsageError};
-use crate::restore::{load_config, target_dir};
+use crate::restore::target_dir;
 
 /// Options of `xenvault list`.
 #[derive(Debug, Args)]
@@ -37,7 +38,7 @@ pub struct ListArgs {
 pub async fn run(args: ListArgs, json: bool) -> anyhow::Result<ExitCode> {
     let config = match (&args.target, &args.job) {
         (Some(_), _) => None,
-        (None, Some(_)) => Some(load_config(args.config.as_ref())?),
+        (None, Some(_)) => Some(load_config(args.config.as_deref())?),
         (None, None) => {
             return Err(
                 UsageError("say which backups to list: a JOB or --target DIR".into()).into(),

@@ -5,6 +5,7 @@
 
 mod backup;
 mod cli;
+mod config_file;
 mod demo;
 mod exit;
 mod list;

@@ -2,32 +2,14 @@
 //! VMs that will run, why every other VM will not, every check — without
 //! creating anything on the pool.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::Context as _;
 use xenvault_engine::job::{self, ExitStatus, JobError};
-use xenvault_types::config::{Config, Weekday};
+use xenvault_types::config::Weekday;
 
 use crate::cli::JobArgs;
 use crate::exit::{ExitCode, UsageError};
 
-/// The configuration file: `--config`, else `$XENVAULT_CONFIG`, else
-/// `/etc/xenvault/xenvault.toml`.
-pub fn config_path(given: Option<&Path>) -> PathBuf {
-    if let Some(p) = given {
-        return p.to_path_buf();
-    }
-    if let Some(p) = std::env::var_os("XENVAULT_CONFIG") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from("/etc/xenvault/xenvault.toml")
-}
-
-/// Loads the configuration; errors are usage errors (exit code 2), one line.
-pub fn load_config(given: Option<&Path>) -> anyhow::Result<Config> {
-    let path = config_path(given);
-    xenvault_engine::config::load(&path).map_err(|e| UsageError(e.to_string()).into())
-}
+pub use crate::config_file::load_config;
 
 /// The day to plan for: `--today`, else today (UTC).
 pub fn today(args: &JobArgs) -> Weekday {

@@ -16,10 +16,8 @@ use xenvault_engine::restore::{
 };
 use xenvault_types::config::Config;
 
+use crate::config_file::{config_path, load_config};
 use crate::exit::{ExitCode, UsageError};
-
-/// The default configuration file.
-pub const DEFAULT_CONFIG: &str = "/etc/xenvault/xenvault.toml";
 
 /// Options of `xenvault restore`.
 #[derive(Debug, Args)]
@@ -83,20 +81,6 @@ pub struct RestoreArgs {
     pub no_verify: bool,
 }
 
-/// The configuration file: `--config`, else `$XENVAULT_CONFIG`, else
-/// [`DEFAULT_CONFIG`].
-pub fn config_path(given: Option<&PathBuf>) -> PathBuf {
-    given
-        .cloned()
-        .or_else(|| std::env::var_os("XENVAULT_CONFIG").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
-}
-
-/// Loads the configuration; its errors are usage errors (exit 2).
-pub fn load_config(given: Option<&PathBuf>) -> anyhow::Result<Config> {
-    xenvault_engine::config::load(&config_path(given)).map_err(|e| UsageError(e.to_string()).into())
-}
-
 /// The archive directory: `--target`, else the job's target.
 pub fn target_dir(
     target: Option<&PathBuf>,
@@ -157,7 +141,7 @@ async fn connect(args: &RestoreArgs, config: &Config) -> anyhow::Result<PoolConn
     let pool = config.pool(&name).ok_or_else(|| {
         UsageError(format!(
             "no pool {name:?} in {}; pools: {}",
-            config_path(args.config.as_ref()).display(),
+            config_path(args.config.as_deref()).display(),
             names.join(", ")
         ))
     })?;
@@ -216,7 +200,7 @@ async fn interruptible<T>(
 
 /// Runs `xenvault restore`.
 pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let config = load_config(args.config.as_ref())?;
+    let config = load_config(args.config.as_deref())?;
     let target = target_dir(args.target.as_ref(), args.job.as_deref(), Some(&config))?;
     let disk: Option<DiskSelector> = args
         .disk
