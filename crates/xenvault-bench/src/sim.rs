@@ -230,6 +230,32 @@ async fn measure(sim: &Simulator, args: &SimArgs, work: &Path) -> anyhow::Result
             bytes: size,
         });
     }
+    if Command::new("nbdcopy").arg("--version").stdout(Stdio::null()).status().is_ok() {
+        let encoded: String = info
+            .exportname
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let uri = format!("nbd://{}:{}/{encoded}", info.address, info.port);
+        rows.push(Row {
+            path: "NBD read of the whole disk, 1 connection, `nbdcopy … null:` (libnbd)".into(),
+            best: best_of(args.runs, || async {
+                let t0 = Instant::now();
+                let status = Command::new("nbdcopy")
+                    .args(["--connections=1", &uri, "null:"])
+                    .status()?;
+                if !status.success() {
+                    bail!("nbdcopy failed: {status}");
+                }
+                Ok(t0.elapsed())
+            })
+            .await?,
+            bytes: size,
+        });
+    }
     let _ = session.logout().await;
     Ok(rows)
 }
