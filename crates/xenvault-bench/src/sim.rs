@@ -230,12 +230,19 @@ async fn measure(sim: &Simulator, args: &SimArgs, work: &Path) -> anyhow::Result
             bytes: size,
         });
     }
-    if Command::new("nbdcopy").arg("--version").stdout(Stdio::null()).status().is_ok() {
+    if Command::new("nbdcopy")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok()
+    {
         let encoded: String = info
             .exportname
             .bytes()
             .map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
                 _ => format!("%{b:02X}"),
             })
             .collect();
