@@ -286,6 +286,11 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(io_err("open", &path))?;
+        // A crash may have cut the last line: start a fresh one, so this entry
+        // is not glued to the torn one (and lost with it).
+        if ends_without_newline(&path).map_err(io_err("read", &path))? {
+            line.insert(0, '\n');
+        }
         file.write_all(line.as_bytes())
             .map_err(io_err("write", &path))?;
         file.sync_data().map_err(io_err("sync", &path))?;
@@ -916,6 +921,20 @@ pub async fn tagged_orphans(
         .collect())
 }
 
+/// True when the file is not empty and its last byte is not a newline.
+fn ends_without_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -986,6 +1005,23 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"at\":\"2026-").unwrap();
         assert_eq!(c.journal.entries().unwrap().len(), 1);
+        // The next entry is not glued to the torn line: it is read back, and
+        // its token is outstanding.
+        c.record(
+            "t2",
+            Event::Intent {
+                source_vm: "vm2".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(c.journal.entries().unwrap().len(), 2);
+        assert!(
+            c.journal
+                .outstanding(None)
+                .unwrap()
+                .iter()
+                .any(|o| o.source_vm == "vm2")
+        );
     }
 
     #[test]

@@ -287,9 +287,11 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// The start of a reply body for an error message, with session secrets masked
+/// (`crate::http::redact_text`): a server may echo the request back.
 fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    crate::http::redact_text(&text.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 // ----- the transport -----

@@ -10,7 +10,6 @@ pub enum ExitCode {
     /// The command line or the configuration is wrong; nothing was done.
     Usage = 2,
     /// Some VMs failed, others succeeded.
-    #[allow(dead_code)] // used by backup runs (issue 3)
     Partial = 3,
 }
 

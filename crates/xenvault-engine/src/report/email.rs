@@ -38,7 +38,7 @@ impl SmtpSecurity {
 }
 
 /// Where and how to send report emails.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct EmailSettings {
     /// SMTP server host name or address.
     pub server: String,
@@ -63,6 +63,21 @@ pub struct EmailSettings {
     /// An extra CA certificate (PEM) to trust for this server, e.g. a
     /// private mail server's CA; the system roots are trusted anyway.
     pub extra_root_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for EmailSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password is never shown.
+        f.debug_struct("EmailSettings")
+            .field("server", &self.server)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EmailSettings {
