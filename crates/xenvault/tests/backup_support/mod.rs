@@ -1,168 +1,18 @@
 //! Support of the `xenvault backup`/`plan` end-to-end tests: a real `xapi-sim` process (built on
 //! first use with the cargo that runs the tests), its control API, and a
 //! configuration file pointing at it.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//!
+//! The simulator, client and archive helpers are the engine tests' own
+//! (`xenvault-engine/tests/backup_support/mod.rs`), shared here by path; this file adds
+//! what only the CLI tests need.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::path::Path;
+use std::process::Command;
 
-/// The `xapi-sim` binary, built once per test process.
-pub fn sim_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/<test> → target/<profile>/xapi-sim
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "xenvault-sim", "--bin", "xapi-sim"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build for xapi-sim");
-        assert!(status.success(), "cannot build xapi-sim");
-        let bin = profile_dir.join("xapi-sim");
-        assert!(bin.exists(), "no {}", bin.display());
-        bin
-    })
-    .clone()
-}
-
-/// A running simulator (killed on drop).
-pub struct Sim {
-    child: Child,
-    pub dir: tempfile::TempDir,
-    pub info: serde_json::Value,
-}
-
-impl Sim {
-    pub fn start(args: &[&str]) -> Sim {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(sim_binary())
-            .arg("serve")
-            .arg("--state")
-            .arg(dir.path().join("pool"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn xapi-sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let info: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("xapi-sim line {line:?}: {e}"));
-        Sim { child, dir, info }
-    }
-
-    pub fn s(&self, key: &str) -> String {
-        self.info[key].as_str().unwrap().to_string()
-    }
-
-    /// `POST <control>/<path>` with a JSON body; returns the JSON answer.
-    pub fn control(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
-        self.http("POST", path, Some(body))
-    }
-
-    pub fn control_get(&self, path: &str) -> serde_json::Value {
-        self.http("GET", path, None)
-    }
-
-    fn http(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> serde_json::Value {
-        let control = self.s("control");
-        let rest = control.strip_prefix("http://").unwrap();
-        let (addr, prefix) = rest.split_once('/').unwrap();
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        write!(
-            s,
-            "{method} /{prefix}/{path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let (head, text) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        assert!(head.contains(" 200 "), "{method} {path}: {head}\n{text}");
-        serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null)
-    }
-
-    /// Fails the `nth` next call of `method` with `error`.
-    pub fn fail_call(&self, method: &str, nth: u64, error: &[&str]) {
-        self.control(
-            "faults/call",
-            &serde_json::json!({"method": method, "nth": nth, "error": error}),
-        );
-    }
-
-    /// Cuts the next `handler` stream after `cut_after` bytes (once).
-    pub fn cut_stream(&self, handler: &str, cut_after: u64) {
-        self.control(
-            "faults/stream",
-            &serde_json::json!({"handler": handler, "cut_after": cut_after, "times": 1}),
-        );
-    }
-
-    pub fn reset_faults(&self) {
-        self.control("faults/reset", &serde_json::json!({}));
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Writes a configuration for a job `nightly` backing up `selection` (TOML
-/// lines inside the job table) of the simulator into `<dir>/archive`.
-pub fn write_config(sim: &Sim, dir: &Path, job_lines: &str, extra: &str) -> PathBuf {
-    let pw = dir.join("pool.password");
-    std::fs::write(&pw, format!("{}\n", sim.s("password"))).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let text = format!(
-        r#"state-dir = "{state}"
-
-[pools.sim]
-url = "{url}"
-user = "{user}"
-password-file = "{pw}"
-fingerprint = "{fp}"
-
-[targets.archive]
-path = "{archive}"
-
-[jobs.nightly]
-pool = "sim"
-target = "archive"
-{job_lines}
-{extra}
-"#,
-        state = dir.join("state").display(),
-        url = sim.s("https_url"),
-        user = sim.s("user"),
-        pw = pw.display(),
-        fp = sim.s("fingerprint"),
-        archive = dir.join("archive").display(),
-    );
-    let path = dir.join("xenvault.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
+#[path = "../../../xenvault-engine/tests/backup_support/mod.rs"]
+mod shared;
+pub use shared::*;
 
 /// What a `xenvault` invocation did.
 pub struct Out {
