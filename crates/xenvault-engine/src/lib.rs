@@ -14,6 +14,7 @@ pub mod journal;
 pub mod plan;
 pub mod preflight;
 pub mod report;
+pub mod repository;
 pub mod restore;
 pub mod selection;
 pub mod sink;

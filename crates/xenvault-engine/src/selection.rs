@@ -626,7 +626,10 @@ pub fn select(job: &JobConfig, candidates: &[VmCandidate], today: Weekday) -> Se
             name: vm.name.clone(),
             pool: vm.pool.clone(),
             why,
-            retention: RetentionConfig { keep_last },
+            retention: RetentionConfig {
+                keep_last,
+                ..job.retention.clone()
+            },
             mode,
             disks,
             compression: job.compression,

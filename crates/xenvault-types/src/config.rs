@@ -32,6 +32,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const DEFAULT_KEEP_LAST: u32 = 7;
 /// Default number of VMs backed up at the same time.
 pub const DEFAULT_CONCURRENCY: u32 = 2;
+/// Default number of NBD connections per disk (repository targets).
+pub const DEFAULT_NBD_CONNECTIONS: u32 = 4;
+/// Default number of disks of one VM read at the same time.
+pub const DEFAULT_DISK_CONCURRENCY: u32 = 2;
 /// Default SR usage (percent) above which a VM is skipped.
 pub const DEFAULT_SR_USAGE_THRESHOLD: u8 = 80;
 /// Default age (days) after which run logs are removed.
@@ -160,6 +164,10 @@ pub enum TargetKind {
     /// Plain files: `<path>/<vm-name>/<timestamp>/`, readable by `xe vm-import`.
     #[default]
     Archive,
+    /// xenvault's deduplicating repository (`docs/repo-format.md`): a local
+    /// directory (`path`), S3 (`url = "s3://bucket/prefix"`) or SFTP
+    /// (`url = "sftp://user@host:port/dir"`).
+    Repository,
 }
 
 /// A place backups go to (`[targets.NAME]`).
@@ -169,17 +177,131 @@ pub struct TargetConfig {
     /// The target's name: the table key (filled by the loader).
     #[serde(skip)]
     pub name: String,
-    /// `archive` (the default; a deduplicating `repository` comes later).
+    /// `archive` (the default) or `repository`.
     #[serde(default, rename = "type")]
     pub kind: TargetKind,
-    /// The directory (absolute, or relative to the configuration file).
+    /// The directory (absolute, or relative to the configuration file). A
+    /// repository has either `path` (a local directory) or `url`.
+    #[serde(default)]
     pub path: PathBuf,
+    /// A repository kept remotely: `s3://bucket/prefix` or
+    /// `sftp://user@host[:port]/dir`. Repository targets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the repository password (first line; `chmod 600`).
+    /// Repository targets only; an encrypted repository needs it (or
+    /// `password-env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the repository password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// The repository password, read by the loader from `password-file` or
+    /// `password-env`.
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// S3 settings (`[targets.NAME.s3]`), for `s3://` URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+    /// SFTP settings (`[targets.NAME.sftp]`), for `sftp://` URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sftp: Option<SftpConfig>,
     /// Free space (bytes) every run must leave on the target: a VM whose
     /// estimated size does not fit in `free - reserved-space` is skipped
     /// ("target full"). Accepts `"10G"`, `"512M"`, `"1T"` (binary units) or a
     /// number of bytes. Default 0.
     #[serde(default, deserialize_with = "size", skip_serializing_if = "is_zero")]
     pub reserved_space: u64,
+}
+
+impl TargetConfig {
+    /// An archive target at `path` with every default.
+    pub fn archive(name: &str, path: impl Into<PathBuf>) -> TargetConfig {
+        TargetConfig {
+            name: name.to_string(),
+            kind: TargetKind::Archive,
+            path: path.into(),
+            url: None,
+            reserved_space: 0,
+            password_file: None,
+            password_env: None,
+            password: None,
+            s3: None,
+            sftp: None,
+        }
+    }
+}
+
+/// S3 settings of a repository target (`[targets.NAME.s3]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct S3Config {
+    /// The endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or
+    /// `http://127.0.0.1:9000` (default: AWS for the region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The region (default `us-east-1`).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Address buckets as `bucket.endpoint` (virtual-host style) instead of
+    /// `endpoint/bucket` (path style, the default: what MinIO and most
+    /// self-hosted servers want).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub virtual_host_style: bool,
+    /// The access key id (default: the environment / instance profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// A file holding the secret access key (first line; `chmod 600`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// An environment variable holding the secret access key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_env: Option<String>,
+    /// The secret access key, read by the loader.
+    #[serde(skip)]
+    pub secret_access_key: Option<Secret>,
+}
+
+/// SFTP settings of a repository target (`[targets.NAME.sftp]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SftpConfig {
+    /// The private key used to log in (key authentication only).
+    pub key_file: PathBuf,
+    /// A `known_hosts` file holding the server's key (default: the user's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts_file: Option<PathBuf>,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_string()
+}
+
+/// How a repository job finds what changed since the last backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CbtMode {
+    /// Use changed block tracking where a disk has it on (the default);
+    /// otherwise a VHD differencing export against the kept base snapshot.
+    #[default]
+    Use,
+    /// Turn CBT on for the job's disks that lack it (`VDI.enable_cbt`), then use it.
+    Enable,
+    /// Never use CBT: differencing VHD exports against the kept base snapshot.
+    Off,
+}
+
+/// What a repository job keeps on the pool as the base of the next incremental.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaseKeeping {
+    /// Keep the last backed-up snapshot with its data (the default): the VHD
+    /// differencing fallback can use it.
+    #[default]
+    Snapshot,
+    /// Reduce it to CBT metadata (`VDI.data_destroy`): no SR space used, but
+    /// only CBT can take the next incremental.
+    Metadata,
 }
 
 /// A VM's power state, as a selection filter.
@@ -321,14 +443,39 @@ pub struct RetentionConfig {
     /// partial backups never count.
     #[serde(default = "default_keep_last")]
     pub keep_last: u32,
+    /// Also keep the newest backup of each of the last N hours that have one
+    /// (repository targets). Default 0.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub keep_hourly: u32,
+    /// ... of each of the last N days (repository targets). Default 0.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub keep_daily: u32,
+    /// ... of each of the last N ISO weeks (repository targets). Default 0.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub keep_weekly: u32,
+    /// ... of each of the last N months (repository targets). Default 0.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub keep_monthly: u32,
+    /// ... of each of the last N years (repository targets). Default 0.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub keep_yearly: u32,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
         RetentionConfig {
             keep_last: DEFAULT_KEEP_LAST,
+            keep_hourly: 0,
+            keep_daily: 0,
+            keep_weekly: 0,
+            keep_monthly: 0,
+            keep_yearly: 0,
         }
     }
+}
+
+fn is_zero32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Pool metadata (`/pool/xmldbdump`) or host (`/host_backup`) backups of a job.
@@ -387,6 +534,10 @@ pub struct VmOverride {
     /// Keep this many backups of this VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_last: Option<u32>,
+    /// This VM's calendar retention (repository targets): replaces the job's
+    /// `keep-hourly` … `keep-yearly` (and `keep-last` when set here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionConfig>,
     /// Export mode for this VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ExportMode>,
@@ -559,6 +710,21 @@ pub struct JobConfig {
     #[serde(default = "default_sr_usage_threshold")]
     pub sr_usage_threshold: u8,
 
+    // --- repository targets: incremental backups
+    /// How changed blocks are found: `use` (default), `enable`, `off`.
+    #[serde(default)]
+    pub cbt: CbtMode,
+    /// What stays on the pool as the next incremental's base: `snapshot`
+    /// (default) or `metadata` (`VDI.data_destroy`).
+    #[serde(default)]
+    pub base: BaseKeeping,
+    /// NBD connections per disk (default 4).
+    #[serde(default = "default_nbd_connections")]
+    pub nbd_connections: u32,
+    /// Disks of one VM read at the same time (default 2).
+    #[serde(default = "default_disk_concurrency")]
+    pub disk_concurrency: u32,
+
     // --- what to keep
     /// Retention of VM backups.
     #[serde(default)]
@@ -615,6 +781,10 @@ impl JobConfig {
             concurrency: DEFAULT_CONCURRENCY,
             per_host_limit: None,
             sr_usage_threshold: DEFAULT_SR_USAGE_THRESHOLD,
+            cbt: CbtMode::default(),
+            base: BaseKeeping::default(),
+            nbd_connections: DEFAULT_NBD_CONNECTIONS,
+            disk_concurrency: DEFAULT_DISK_CONCURRENCY,
             retention: RetentionConfig::default(),
             pre_clean: false,
             pool_metadata: None,
@@ -708,6 +878,12 @@ fn default_user() -> String {
 }
 fn default_keep_last() -> u32 {
     DEFAULT_KEEP_LAST
+}
+fn default_nbd_connections() -> u32 {
+    DEFAULT_NBD_CONNECTIONS
+}
+fn default_disk_concurrency() -> u32 {
+    DEFAULT_DISK_CONCURRENCY
 }
 fn default_concurrency() -> u32 {
     DEFAULT_CONCURRENCY

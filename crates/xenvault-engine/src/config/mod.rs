@@ -545,6 +545,8 @@ impl Checker<'_> {
     fn check_target(&self, name: &str, target: &mut TargetConfig) -> Result<(), ConfigError> {
         match target.kind {
             TargetKind::Archive => {}
+            // Checked in full by the repository loader work (issue 4).
+            TargetKind::Repository => {}
         }
         if target.path.as_os_str().is_empty() {
             return Err(self.err(
@@ -713,12 +715,10 @@ impl Checker<'_> {
             }
             if job.target.is_empty() {
                 let target_name = format!("{name}.backup_dir");
-                nau_target = Some(TargetConfig {
-                    name: target_name.clone(),
-                    kind: TargetKind::Archive,
-                    path: in_cfg_dir(&cfg.backup_dir),
-                    reserved_space: 0,
-                });
+                nau_target = Some(TargetConfig::archive(
+                    &target_name,
+                    in_cfg_dir(&cfg.backup_dir),
+                ));
                 job.target = target_name;
             }
             job.naubackup_cfg = Some(cfg_path);
