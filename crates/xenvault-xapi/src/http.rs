@@ -167,6 +167,11 @@ pub struct TransferOptions {
     pub probe_put_redirects: bool,
     /// Host rewriting for redirects behind NAT: `(host in Location, host[:port] to use)`.
     pub redirect_host_map: Vec<(String, String)>,
+    /// The hosts a redirect may lead to (names or addresses, compared after
+    /// `redirect_host_map`), besides the host of the URL first asked. A
+    /// redirect carries the session id in its query, so a pool client sets
+    /// this to the pool's host addresses; `None` follows redirects anywhere.
+    pub redirect_hosts: Option<Vec<String>>,
 }
 
 impl Default for TransferOptions {
@@ -177,6 +182,7 @@ impl Default for TransferOptions {
             max_redirects: 5,
             probe_put_redirects: true,
             redirect_host_map: Vec::new(),
+            redirect_hosts: None,
         }
     }
 }
@@ -544,6 +550,19 @@ impl HttpTransfer {
                 .map_err(|e| bad(format!("cannot remap to {to}: {e}")))?;
             if to_port.is_some() {
                 let _ = next.set_port(to_port);
+            }
+        }
+        if let Some(allowed) = &self.options.redirect_hosts {
+            let bare = |h: &str| h.trim_matches(['[', ']']).to_ascii_lowercase();
+            let to = bare(next.host_str().unwrap_or_default());
+            let same = bare(current.host_str().unwrap_or_default()) == to;
+            if !same && !allowed.iter().any(|h| bare(h) == to) {
+                return Err(bad(format!(
+                    "the server redirects to {to}, which is not a host of the pool \
+                     (known: {}); the session id is not sent there. If the pool is \
+                     reached through NAT, map the address with a redirect host map",
+                    allowed.join(", ")
+                )));
             }
         }
         Ok(next)

@@ -552,3 +552,42 @@ async fn a_slow_consumer_is_not_server_silence() {
     assert_eq!(rest, b"second");
     server.abort();
 }
+
+#[tokio::test]
+async fn redirect_to_a_host_outside_the_pool_is_refused_before_connecting() {
+    // The session id travels in the query: a redirect to a host that is not
+    // one of the pool's must not be followed. 192.0.2.1 (TEST-NET-1) is never
+    // contacted: the check happens before any connection.
+    let handler: Handler = Arc::new(|seen, mut reader, _port| {
+        Box::pin(async move {
+            let s = reader.get_mut();
+            let reply = "HTTP/1.1 302 Found\r\nLocation: http://192.0.2.1:9/export\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            s.write_all(reply.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            seen
+        })
+    });
+    let (port, seen, server) = server(handler).await;
+    let t = HttpTransfer::new(
+        &TlsPolicy::InsecureNoVerify,
+        TransferOptions {
+            redirect_hosts: Some(vec!["127.0.0.1".into(), "10.0.0.7".into()]),
+            ..TransferOptions::default()
+        },
+    )
+    .unwrap();
+    let err = t
+        .get(url(port, "/export", Some("OpaqueRef:t")))
+        .await
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, HttpError::Redirect { .. }), "{text}");
+    assert!(
+        text.contains("192.0.2.1") && text.contains("not a host of the pool"),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET), "{text}");
+    assert_eq!(seen.lock().await.len(), 1);
+    server.abort();
+}
