@@ -4,6 +4,7 @@
 //! Benchmarks are not tests: nothing here runs in `./scripts/test`. Run them
 //! with `cargo run --release -p xenvault-bench -- <benchmark>`.
 
+mod repo;
 mod sim;
 
 use std::path::PathBuf;
@@ -22,6 +23,15 @@ enum Bench {
     /// How fast the simulator serves raw exports and NBD reads, against `cat`
     /// of the same sparse file (the goal: at least half of cat's rate).
     Sim(sim::SimArgs),
+    /// xenvault's repository backups (full, incremental, restore, size, peak
+    /// memory, ten clones) against restic and borg on the same disk.
+    Repo(repo::RepoArgs),
+    /// One measured xenvault operation of `repo` (run by it in a child process).
+    #[command(hide = true)]
+    RepoStep {
+        /// The step as JSON.
+        spec: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,8 +42,21 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.bench {
             Bench::Sim(args) => sim::run(args).await,
+            Bench::Repo(args) => repo::run(args).await,
+            Bench::RepoStep { spec } => repo::step::run(&spec).await,
         }
     })
+}
+
+/// Today's date (UTC) for the tables.
+pub fn today() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Err(_) => "(date unknown)".into(),
+    }
 }
 
 /// Replaces the part of `docs/benchmarks.md` between the markers of `section`

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
-use xenvault_types::config::{Config, JobConfig, PoolConfig, SmtpSecurity, Weekday};
+use xenvault_types::config::{Config, JobConfig, PoolConfig, SmtpSecurity, TargetKind, Weekday};
 use xenvault_types::report::{CleanupOutcome, ItemKind, ItemReport, Outcome, RunReport, VmReport};
 use xenvault_xapi::ErrorCode;
 use xenvault_xapi::http::{HttpTransfer, TransferOptions};
@@ -21,6 +21,7 @@ use xenvault_xapi::tls::{Fingerprint, TlsPolicy};
 
 use crate::archive::{self, ArchiveTarget, RetentionRules, SubjectKey};
 use crate::backup::extra::{self, ArtifactResult};
+use crate::backup::repo::{self as repo_backup, RepoPipeline, RepoSettings};
 use crate::backup::{self, NoProgress, Pipeline, Progress, VmResult, VmTask};
 use crate::journal::{self, Journal, RunContext};
 use crate::plan::{self, BackupPlan, PoolView};
@@ -296,13 +297,61 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "localhost".to_string())
 }
 
+/// Where the run logs and JSON reports of a job go: the archive directory,
+/// or for a repository target `<state-dir>/reports/<target>` (a repository
+/// holds only repository objects, and may be remote).
+pub fn report_root(config: &Config, job: &JobConfig) -> PathBuf {
+    match config.target(&job.target) {
+        Some(t) if t.kind == TargetKind::Repository => {
+            state_dir(config).join("reports").join(&t.name)
+        }
+        Some(t) => t.path.clone(),
+        None => PathBuf::new(),
+    }
+}
+
+/// Opens the repository of a repository target, or says why not: a missing
+/// repository, a missing or wrong password are configuration errors (exit
+/// code 2), an unreachable storage a failure (1).
+pub async fn open_target_repository(
+    target: &xenvault_types::config::TargetConfig,
+) -> Result<xenvault_repo::Repository, JobError> {
+    crate::repository::open_repository(target)
+        .await
+        .map_err(|e| {
+            let text = format!(
+                "target {} ({}): cannot open the repository: {e}",
+                target.name,
+                preflight::target_location(target)
+            );
+            if preflight::repo_error_is_config(&e) {
+                JobError::Config(text)
+            } else {
+                JobError::Failed(text)
+            }
+        })
+}
+
 /// `xenvault backup JOB`: the whole run.
 pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<JobRun, JobError> {
     let (job_cfg, pools) = resolve(config, job)?;
-    let target_dir = config
-        .target(&job_cfg.target)
-        .map(|t| t.path.clone())
-        .unwrap_or_default();
+    let target_cfg = config.target(&job_cfg.target);
+    let repository = match target_cfg {
+        Some(t) if t.kind == TargetKind::Repository => Some(open_target_repository(t).await?),
+        _ => None,
+    };
+    let target_dir = match target_cfg {
+        Some(t) if t.kind == TargetKind::Repository && t.url.is_some() => PathBuf::new(),
+        Some(t) => t.path.clone(),
+        None => PathBuf::new(),
+    };
+    let target_text = match target_cfg {
+        Some(t) if t.kind == TargetKind::Repository => {
+            format!("repository {}", preflight::target_location(t))
+        }
+        _ => target_dir.display().to_string(),
+    };
+    let report_dir = report_root(config, job_cfg);
     let state = state_dir(config);
     let journal = Journal::open(&state).map_err(|e| JobError::Failed(e.to_string()))?;
     let run_id = new_run_id();
@@ -320,7 +369,7 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         job_cfg.pools.join(", "),
         host_name(),
         &run_id,
-        target_dir.display().to_string(),
+        target_text,
         started,
     );
 
@@ -393,6 +442,30 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
             },
         );
     }
+    let mut repo_pipelines: BTreeMap<String, RepoPipeline> = BTreeMap::new();
+    if let Some(repo) = &repository {
+        for (name, p) in &pipelines {
+            repo_pipelines.insert(
+                name.clone(),
+                RepoPipeline {
+                    session: p.session.clone(),
+                    transfer: p.transfer.clone(),
+                    run: p.run.clone(),
+                    repo: repo.clone(),
+                    pool_label: p.pool_label.clone(),
+                    progress: p.progress.clone(),
+                    wait: p.wait.clone(),
+                    settings: RepoSettings {
+                        nbd_connections: job_cfg.nbd_connections,
+                        disk_concurrency: job_cfg.disk_concurrency,
+                        cbt: job_cfg.cbt,
+                        base: job_cfg.base,
+                    },
+                    write: xenvault_repo::WriteOptions::default(),
+                },
+            );
+        }
+    }
     let reserved = plan::reserved_space(config, job_cfg);
     let concurrency = Arc::new(Semaphore::new(job_cfg.concurrency.max(1) as usize));
     let per_host: Arc<BTreeMap<String, Arc<Semaphore>>> = Arc::new(
@@ -420,6 +493,7 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         let Some(p) = pipelines.get(&vm.pool).cloned() else {
             continue;
         };
+        let repo_p = repo_pipelines.get(&vm.pool).cloned();
         let vm = vm.clone();
         let concurrency = concurrency.clone();
         let per_host = per_host.clone();
@@ -436,11 +510,13 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
                 };
                 // Make room first when asked (NAUbackup's pre_clean).
                 let mut notes = Vec::new();
-                if pre_clean {
+                if pre_clean && repo_p.is_none() {
                     notes.extend(pre_clean_vm(&target_dir, &vm, &run_id).await);
                 }
-                // Free space, measured now.
-                if let Ok(free) = preflight::free_space(&target_dir) {
+                // Free space, measured now (local targets).
+                if !target_dir.as_os_str().is_empty()
+                    && let Ok(free) = preflight::free_space(&target_dir)
+                {
                     let c = preflight::check_free_space(&vm.name, free, vm.estimate, reserved);
                     if c.failed() {
                         let mut r = VmReport::skipped(&vm.name, &vm.uuid, c.detail);
@@ -456,6 +532,11 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
                     disks: vm.disks,
                     compression: vm.compression,
                 };
+                if let Some(rp) = repo_p {
+                    let mut r = repo_vm(&rp, &task, &vm).await;
+                    r.notes.extend(notes);
+                    return r;
+                }
                 let result = backup::backup_vm(&p, &task).await;
                 let mut r = vm_report(&vm.name, &vm.uuid, &result);
                 r.notes.extend(notes);
@@ -482,8 +563,13 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         }
     }
 
-    // 4. Pool metadata and host backups.
-    if !plan.target_failed() {
+    // 4. Pool metadata and host backups (archive targets).
+    if repository.is_some() && (job_cfg.pool_metadata.is_some() || job_cfg.host_backup.is_some()) {
+        report.problems.push(format!(
+            "target {}: pool metadata and host backups are not stored in repository targets; back them up with a job whose target is an archive",
+            job_cfg.target
+        ));
+    } else if !plan.target_failed() {
         for v in &views {
             let Some(p) = pipelines.get(&v.name) else {
                 continue;
@@ -515,8 +601,8 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         }
     }
 
-    // 5. Retention.
-    if !plan.target_failed() {
+    // 5. Retention (repository targets: after each VM, see `repo_vm`).
+    if !plan.target_failed() && repository.is_none() {
         apply_retention(&target_dir, job_cfg, &plan, &run_id, &views, &mut report).await;
     }
 
@@ -544,8 +630,9 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
     } else {
         exit_status_of(&report)
     };
+    let can_write = repository.is_some() || !plan.target_failed();
     let (log_path, json_path) =
-        write_outputs(config, job_cfg, &target_dir, &plan, &mut report).await;
+        write_outputs(config, job_cfg, &report_dir, can_write, &mut report).await;
     if let Some(path) = &job_cfg.status_log {
         append_status_line(
             path,
@@ -613,10 +700,9 @@ async fn write_outputs(
     config: &Config,
     job: &JobConfig,
     target_dir: &std::path::Path,
-    plan: &BackupPlan,
+    can_write: bool,
     report: &mut RunReport,
 ) -> (Option<PathBuf>, Option<PathBuf>) {
-    let can_write = !plan.target_failed();
     let write = |report: &RunReport| -> (Option<PathBuf>, Option<PathBuf>, Vec<String>) {
         let mut problems = Vec::new();
         if !can_write {
@@ -751,6 +837,29 @@ async fn apply_retention(
     }
 }
 
+/// One VM into the repository, then its retention (only after a committed
+/// restore point; chunks are left for `xenvault prune`).
+async fn repo_vm(rp: &RepoPipeline, task: &VmTask, vm: &plan::VmPlan) -> VmReport {
+    let result = repo_backup::backup_vm(rp, task).await;
+    let mut r = vm_report(&vm.name, &vm.uuid, &result.vm);
+    r.repository = Some(result.stats);
+    r.notes.extend(result.notes);
+    if result.manifest.is_some() {
+        match repo_backup::retention::apply_vm(
+            &rp.repo,
+            &vm.uuid,
+            &vm.retention,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        {
+            Ok(gone) => r.pruned = gone,
+            Err(e) => r.notes.push(format!("retention: {e}")),
+        }
+    }
+    r
+}
+
 fn vm_report(name: &str, uuid: &str, r: &VmResult) -> VmReport {
     let cleanup = match &r.cleanup_error {
         Some(e) => CleanupOutcome::Failed {
@@ -790,6 +899,7 @@ fn vm_report(name: &str, uuid: &str, r: &VmResult) -> VmReport {
         location,
         pruned: Vec::new(),
         notes: r.cleanup.left_alone.clone(),
+        repository: None,
     }
 }
 

@@ -30,6 +30,26 @@
 //! the journal is compacted (closed tokens dropped, atomic rename).
 //! Objects whose tag does not match are left alone and reported. Names are
 //! never looked at: a VM called "xenvault snapshot …" is never touched.
+//!
+//! # Kept snapshots (repository targets)
+//!
+//! A forever-incremental job keeps the snapshot of its last successful
+//! backup as the base of the next one (CBT `list_changed_blocks` and VHD
+//! `base=` exports need it), and an interrupted backup keeps the snapshot its
+//! resume checkpoint was read from. [`keep_snapshot`] tags the snapshot VM
+//! and its VDIs (`xenvault:base=<job>` or `xenvault:resume=<job>`) and then
+//! appends [`Event::Kept`]: from that line on the token is no longer
+//! outstanding, so neither [`destroy_token`] nor the [`sweep`] touches it.
+//! [`release_kept`] appends [`Event::Released`] (the token is outstanding
+//! again) and destroys it by UUID and token tag as above, so a failed
+//! destroy is retried by the next sweep. [`reduce_to_metadata`] destroys
+//! the snapshot VM and `VDI.data_destroy`s the VDIs (`base = "metadata"`).
+//!
+//! Crash safety: a token is kept only once its `Kept` line is synced, and
+//! the superseded base is released only after the new one is kept, so a
+//! crash leaves either the old base (the new snapshot is swept) or both
+//! (the next run uses the newest whose restore point exists and releases
+//! the other): at most one extra snapshot, never no base.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -40,7 +60,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use xenvault_xapi::ErrorCode;
-use xenvault_xapi::records::{VbdType, Vdi, VdiRef, Vm, VmRef};
+use xenvault_xapi::records::{VbdType, Vdi, VdiRef, VdiType, Vm, VmRef};
 use xenvault_xapi::session::Session;
 
 /// `other_config` key: the token of the snapshot operation (unique).
@@ -49,6 +69,12 @@ pub const TAG_TOKEN: &str = "xenvault:token";
 pub const TAG_RUN: &str = "xenvault:run";
 /// `other_config` key: the job name.
 pub const TAG_JOB: &str = "xenvault:job";
+/// `other_config` key on a snapshot kept as the base of the next
+/// incremental of a job (value: the job name).
+pub const TAG_BASE: &str = "xenvault:base";
+/// `other_config` key on a snapshot kept because a resume checkpoint of a
+/// job reads from it (value: the job name).
+pub const TAG_RESUME: &str = "xenvault:resume";
 /// The journal's file name in the state directory.
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 
@@ -96,6 +122,59 @@ pub enum Event {
     },
     /// Everything of the token is gone (or was never created).
     Done,
+    /// The snapshot is kept on the pool (see the module docs): the sweep and
+    /// [`destroy_token`] leave it alone until [`Event::Released`].
+    Kept {
+        /// Why it is kept.
+        role: KeepRole,
+        /// The job's target name (repository) the snapshot belongs to.
+        target: String,
+        /// The restore point written from it (`Base`), if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restore_point: Option<String>,
+    },
+    /// The kept snapshot's VM was destroyed and its VDIs reduced to CBT
+    /// metadata (`VDI.data_destroy`, type `cbt_metadata`).
+    DataDestroyed,
+    /// The kept snapshot is no longer needed: the token is open for cleanup.
+    Released,
+}
+
+/// Why a snapshot is kept on the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeepRole {
+    /// The base of the next incremental backup (CBT or VHD `base=`).
+    Base,
+    /// A resume checkpoint of an interrupted backup reads from it.
+    Resume,
+}
+
+impl KeepRole {
+    /// The `other_config` key that marks it.
+    pub fn tag(self) -> &'static str {
+        match self {
+            KeepRole::Base => TAG_BASE,
+            KeepRole::Resume => TAG_RESUME,
+        }
+    }
+}
+
+/// A snapshot the journal keeps (a token with `Kept` and no `Released`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptSnapshot {
+    /// The token, its pool, creating run, job, source VM, snapshot and VDIs.
+    pub token: Outstanding,
+    /// Why it is kept.
+    pub role: KeepRole,
+    /// The job's target name.
+    pub target: String,
+    /// The restore point written from it, if any.
+    pub restore_point: Option<String>,
+    /// When it was kept.
+    pub kept_at: OffsetDateTime,
+    /// True once its VDIs were reduced to CBT metadata.
+    pub metadata_only: bool,
 }
 
 /// What the journal says about one snapshot operation still open.
@@ -324,12 +403,52 @@ impl Journal {
         Ok(out)
     }
 
-    /// The open snapshot operations of `pool` (every pool when `None`).
+    /// The open snapshot operations of `pool` (every pool when `None`) that
+    /// are not kept: what cleanup and the sweep destroy.
     pub fn outstanding(&self, pool: Option<&str>) -> Result<Vec<Outstanding>, JournalError> {
         Ok(fold(&self.entries()?)
             .into_values()
+            .filter(|t| t.kept.is_none())
+            .map(|t| t.open)
             .filter(|o| pool.is_none_or(|p| o.pool == p))
             .collect())
+    }
+
+    /// The kept snapshots of `pool` (every pool when `None`), oldest first.
+    pub fn kept(&self, pool: Option<&str>) -> Result<Vec<KeptSnapshot>, JournalError> {
+        let mut out: Vec<KeptSnapshot> = fold(&self.entries()?)
+            .into_values()
+            .filter_map(TokenState::into_kept)
+            .filter(|k| pool.is_none_or(|p| k.token.pool == p))
+            .collect();
+        out.sort_by(|a, b| a.kept_at.cmp(&b.kept_at).then(a.token.at.cmp(&b.token.at)));
+        Ok(out)
+    }
+
+    /// The kept snapshots of one job's source VM on one pool, oldest first.
+    pub fn kept_for(
+        &self,
+        pool: &str,
+        job: &str,
+        source_vm: &str,
+    ) -> Result<Vec<KeptSnapshot>, JournalError> {
+        Ok(self
+            .kept(Some(pool))?
+            .into_iter()
+            .filter(|k| k.token.job == job && k.token.source_vm == source_vm)
+            .collect())
+    }
+
+    /// True when `token` is open and kept.
+    pub fn is_kept(&self, token: &str) -> Result<bool, JournalError> {
+        Ok(fold(&self.entries()?)
+            .get(token)
+            .is_some_and(|t| t.kept.is_some()))
+    }
+
+    /// Every token not closed by `Done` (kept or not), by token.
+    fn open_tokens(&self) -> Result<BTreeMap<String, TokenState>, JournalError> {
+        Ok(fold(&self.entries()?))
     }
 
     /// Rewrites the journal without the closed tokens (atomic rename).
@@ -364,36 +483,83 @@ impl Journal {
     }
 }
 
-/// Folds entries into the open tokens (tokens with an intent and no `Done`).
-fn fold(entries: &[Entry]) -> BTreeMap<String, Outstanding> {
-    let mut open: BTreeMap<String, Outstanding> = BTreeMap::new();
+/// What the journal says about one token not closed by `Done`.
+#[derive(Debug, Clone)]
+struct TokenState {
+    open: Outstanding,
+    /// `(role, target, restore point, kept at)` while kept.
+    kept: Option<(KeepRole, String, Option<String>, OffsetDateTime)>,
+    metadata_only: bool,
+}
+
+impl TokenState {
+    fn into_kept(self) -> Option<KeptSnapshot> {
+        let (role, target, restore_point, kept_at) = self.kept?;
+        Some(KeptSnapshot {
+            token: self.open,
+            role,
+            target,
+            restore_point,
+            kept_at,
+            metadata_only: self.metadata_only,
+        })
+    }
+}
+
+/// Folds entries into the open tokens (tokens with an intent and no `Done`),
+/// each with its kept state (the last `Kept` not followed by `Released`).
+fn fold(entries: &[Entry]) -> BTreeMap<String, TokenState> {
+    let mut open: BTreeMap<String, TokenState> = BTreeMap::new();
     let mut done: BTreeSet<String> = BTreeSet::new();
     for e in entries {
         match &e.event {
             Event::Intent { source_vm } => {
-                open.entry(e.token.clone()).or_insert_with(|| Outstanding {
-                    token: e.token.clone(),
-                    pool: e.pool.clone(),
-                    run_id: e.run_id.clone(),
-                    job: e.job.clone(),
-                    at: e.at,
-                    source_vm: source_vm.clone(),
-                    snapshot: None,
-                    vdis: BTreeSet::new(),
+                open.entry(e.token.clone()).or_insert_with(|| TokenState {
+                    open: Outstanding {
+                        token: e.token.clone(),
+                        pool: e.pool.clone(),
+                        run_id: e.run_id.clone(),
+                        job: e.job.clone(),
+                        at: e.at,
+                        source_vm: source_vm.clone(),
+                        snapshot: None,
+                        vdis: BTreeSet::new(),
+                    },
+                    kept: None,
+                    metadata_only: false,
                 });
             }
             Event::SnapshotCreated { uuid } => {
-                if let Some(o) = open.get_mut(&e.token) {
-                    o.snapshot = Some(uuid.clone());
+                if let Some(t) = open.get_mut(&e.token) {
+                    t.open.snapshot = Some(uuid.clone());
                 }
             }
             Event::VdiCreated { uuid } => {
-                if let Some(o) = open.get_mut(&e.token) {
-                    o.vdis.insert(uuid.clone());
+                if let Some(t) = open.get_mut(&e.token) {
+                    t.open.vdis.insert(uuid.clone());
                 }
             }
             Event::Done => {
                 done.insert(e.token.clone());
+            }
+            Event::Kept {
+                role,
+                target,
+                restore_point,
+            } => {
+                if let Some(t) = open.get_mut(&e.token) {
+                    t.kept = Some((*role, target.clone(), restore_point.clone(), e.at));
+                }
+            }
+            Event::DataDestroyed => {
+                if let Some(t) = open.get_mut(&e.token) {
+                    t.metadata_only = true;
+                }
+            }
+            Event::Released => {
+                if let Some(t) = open.get_mut(&e.token) {
+                    t.kept = None;
+                }
             }
         }
     }
@@ -438,6 +604,15 @@ pub enum TempObjectError {
     /// The journal could not be written: nothing is created without it.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The token cannot be kept (unknown, never snapshotted, or its
+    /// snapshot is not the tagged one).
+    #[error("cannot keep the snapshot of token {token}: {why}")]
+    NotKeepable {
+        /// The token.
+        token: String,
+        /// Why.
+        why: String,
+    },
     /// A XAPI call failed.
     #[error("{step}: {source}")]
     Xapi {
@@ -643,6 +818,23 @@ pub async fn destroy_token(
     open: &Outstanding,
 ) -> CleanupReport {
     let mut report = CleanupReport::default();
+    // A kept snapshot (a base, a resume source) is never destroyed here:
+    // release it first (`release_kept`).
+    match journal.is_kept(&open.token) {
+        Ok(false) => {}
+        Ok(true) => {
+            report.left_alone.push(format!(
+                "snapshot {}: kept by the journal (token {}); not destroyed",
+                open.snapshot.as_deref().unwrap_or("?"),
+                open.token
+            ));
+            return report;
+        }
+        Err(e) => {
+            report.errors.push(e.to_string());
+            return report;
+        }
+    }
     let mut vdis: BTreeSet<String> = open.vdis.clone();
     // VDIs reached through our own tagged snapshot VM (not journaled yet).
     let mut reached: BTreeSet<String> = BTreeSet::new();
@@ -866,6 +1058,230 @@ async fn find_among_all(
     }))
 }
 
+/// Keeps the snapshot of `token` (an open token of this journal with a
+/// recorded snapshot): tags the snapshot VM and its VDIs with
+/// `role.tag() = <job>` (the other role's tag is removed), then appends
+/// [`Event::Kept`]. Keeping an already kept token again changes its role,
+/// target or restore point. A snapshot VM already destroyed (a base reduced
+/// to metadata) is fine: its VDIs carry the tag.
+pub async fn keep_snapshot(
+    session: &Session,
+    ctx: &RunContext,
+    token: &str,
+    role: KeepRole,
+    target: &str,
+    restore_point: Option<&str>,
+) -> Result<KeptSnapshot, TempObjectError> {
+    let state =
+        ctx.journal
+            .open_tokens()?
+            .remove(token)
+            .ok_or_else(|| TempObjectError::NotKeepable {
+                token: token.to_string(),
+                why: "the journal has no open snapshot operation with this token".into(),
+            })?;
+    let Some(snap_uuid) = state.open.snapshot.clone() else {
+        return Err(TempObjectError::NotKeepable {
+            token: token.to_string(),
+            why: "its snapshot was never recorded".into(),
+        });
+    };
+    let other = match role {
+        KeepRole::Base => KeepRole::Resume,
+        KeepRole::Resume => KeepRole::Base,
+    };
+    // The snapshot VM (gone when reduced to metadata).
+    match session.vm().get_by_uuid(&snap_uuid).await {
+        Ok(vm_ref) => {
+            let rec = session
+                .vm()
+                .get_record(&vm_ref)
+                .await
+                .map_err(TempObjectError::xapi(format!("read snapshot {snap_uuid}")))?;
+            if !rec.is_a_snapshot
+                || rec.other_config.get(TAG_TOKEN).map(String::as_str) != Some(token)
+            {
+                return Err(TempObjectError::NotKeepable {
+                    token: token.to_string(),
+                    why: format!("VM {snap_uuid} is not a snapshot tagged with this token"),
+                });
+            }
+            session
+                .vm()
+                .put_other_config(&vm_ref, role.tag(), &ctx.job)
+                .await
+                .map_err(TempObjectError::xapi(format!("tag snapshot {snap_uuid}")))?;
+            session
+                .vm()
+                .remove_from_other_config(&vm_ref, other.tag())
+                .await
+                .map_err(TempObjectError::xapi(format!("untag snapshot {snap_uuid}")))?;
+        }
+        Err(e) if is_gone(&e) && state.metadata_only => {}
+        Err(e) => {
+            return Err(TempObjectError::Xapi {
+                step: format!("find snapshot {snap_uuid}"),
+                source: e,
+            });
+        }
+    }
+    for uuid in &state.open.vdis {
+        let vdi_ref = match session.vdi().get_by_uuid(uuid).await {
+            Ok(r) => r,
+            // A VDI that is gone (destroyed by hand) is not kept; the caller
+            // sees it missing when it uses the base.
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => {
+                return Err(TempObjectError::Xapi {
+                    step: format!("find snapshot VDI {uuid}"),
+                    source: e,
+                });
+            }
+        };
+        session
+            .vdi()
+            .put_other_config(&vdi_ref, role.tag(), &ctx.job)
+            .await
+            .map_err(TempObjectError::xapi(format!("tag snapshot VDI {uuid}")))?;
+        session
+            .vdi()
+            .remove_from_other_config(&vdi_ref, other.tag())
+            .await
+            .map_err(TempObjectError::xapi(format!("untag snapshot VDI {uuid}")))?;
+    }
+    let entry = Entry {
+        at: OffsetDateTime::now_utc(),
+        pool: state.open.pool.clone(),
+        run_id: ctx.run_id.clone(),
+        job: state.open.job.clone(),
+        token: token.to_string(),
+        event: Event::Kept {
+            role,
+            target: target.to_string(),
+            restore_point: restore_point.map(str::to_string),
+        },
+    };
+    ctx.journal.append(&entry)?;
+    Ok(KeptSnapshot {
+        token: state.open,
+        role,
+        target: target.to_string(),
+        restore_point: restore_point.map(str::to_string),
+        kept_at: entry.at,
+        metadata_only: state.metadata_only,
+    })
+}
+
+/// Releases a kept snapshot: appends [`Event::Released`] (from then on the
+/// token is outstanding, so a failed destroy is retried by the next sweep),
+/// then destroys it by UUID and token tag ([`destroy_token`]).
+pub async fn release_kept(
+    session: &Session,
+    journal: &Journal,
+    kept: &KeptSnapshot,
+) -> CleanupReport {
+    let entry = Entry {
+        at: OffsetDateTime::now_utc(),
+        pool: kept.token.pool.clone(),
+        run_id: kept.token.run_id.clone(),
+        job: kept.token.job.clone(),
+        token: kept.token.token.clone(),
+        event: Event::Released,
+    };
+    if let Err(e) = journal.append(&entry) {
+        return CleanupReport {
+            errors: vec![e.to_string()],
+            ..CleanupReport::default()
+        };
+    }
+    destroy_token(session, journal, &kept.token).await
+}
+
+/// `base = "metadata"`: destroys the kept snapshot's VM (tag-checked), then
+/// reduces each of its VDIs to CBT metadata with `VDI.data_destroy`
+/// (retried on `VDI_IN_USE`: xapi waits only 4 s for VBDs, including the
+/// dom0 VBDs of NBD connections, to go; docs/xapi-notes.md "CBT metadata
+/// bases"), then appends [`Event::DataDestroyed`]. VDIs whose token tag does
+/// not match are left alone and named in the error. Returns the VDIs reduced.
+pub async fn reduce_to_metadata(
+    session: &Session,
+    journal: &Journal,
+    kept: &KeptSnapshot,
+) -> Result<Vec<String>, String> {
+    let token = &kept.token.token;
+    if let Some(uuid) = &kept.token.snapshot {
+        match session.vm().get_by_uuid(uuid).await {
+            Ok(vm_ref) => {
+                let rec = session
+                    .vm()
+                    .get_record(&vm_ref)
+                    .await
+                    .map_err(|e| format!("read snapshot {uuid}: {e}"))?;
+                if !rec.is_a_snapshot || rec.other_config.get(TAG_TOKEN) != Some(token) {
+                    return Err(format!(
+                        "VM {uuid} is not a snapshot tagged {token}; left alone"
+                    ));
+                }
+                match session.vm().destroy(&vm_ref).await {
+                    Ok(()) => {}
+                    Err(e) if is_gone(&e) => {}
+                    Err(e) => return Err(format!("destroy snapshot VM {uuid}: {e}")),
+                }
+            }
+            Err(e) if is_gone(&e) => {}
+            Err(e) => return Err(format!("find snapshot {uuid}: {e}")),
+        }
+    }
+    let mut reduced = Vec::new();
+    for uuid in &kept.token.vdis {
+        let vdi_ref = match session.vdi().get_by_uuid(uuid).await {
+            Ok(r) => r,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(format!("find VDI {uuid}: {e}")),
+        };
+        let vdi = session
+            .vdi()
+            .get_record(&vdi_ref)
+            .await
+            .map_err(|e| format!("read VDI {uuid}: {e}"))?;
+        if !vdi.is_a_snapshot || vdi.other_config.get(TAG_TOKEN) != Some(token) {
+            return Err(format!(
+                "VDI {uuid} is not a snapshot VDI tagged {token}; left alone"
+            ));
+        }
+        if vdi.type_ == VdiType::CbtMetadata {
+            reduced.push(uuid.clone());
+            continue;
+        }
+        let mut attempt = 0;
+        loop {
+            match session.vdi().data_destroy(&vdi_ref).await {
+                Ok(()) => break,
+                Err(e) if e.is_code(&ErrorCode::VdiInUse) && attempt < VDI_IN_USE_RETRIES => {
+                    attempt += 1;
+                    tracing::info!(
+                        "VDI {uuid} in use; data_destroy retry {attempt} of {VDI_IN_USE_RETRIES}"
+                    );
+                    tokio::time::sleep(VDI_IN_USE_DELAY).await;
+                }
+                Err(e) => return Err(format!("VDI.data_destroy of {uuid}: {e}")),
+            }
+        }
+        reduced.push(uuid.clone());
+    }
+    journal
+        .append(&Entry {
+            at: OffsetDateTime::now_utc(),
+            pool: kept.token.pool.clone(),
+            run_id: kept.token.run_id.clone(),
+            job: kept.token.job.clone(),
+            token: token.clone(),
+            event: Event::DataDestroyed,
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(reduced)
+}
+
 /// Cleans every open token of `pool` whose run is not alive (`own_run`
 /// counts as not alive: the end-of-run sweep passes its own id), then
 /// compacts the journal.
@@ -897,11 +1313,11 @@ pub async fn tagged_orphans(
     journal: &Journal,
     job: &str,
 ) -> Result<Vec<(String, String)>, String> {
+    // Kept tokens are open too: a kept base is not an orphan.
     let open: BTreeSet<String> = journal
-        .outstanding(None)
+        .open_tokens()
         .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|o| o.token)
+        .into_keys()
         .collect();
     let all = session
         .vm()
@@ -1021,6 +1437,128 @@ mod tests {
                 .unwrap()
                 .iter()
                 .any(|o| o.source_vm == "vm2")
+        );
+    }
+
+    fn snapshot_of(c: &RunContext, token: &str, vm: &str, snap: &str, vdis: &[&str]) {
+        c.record(
+            token,
+            Event::Intent {
+                source_vm: vm.into(),
+            },
+        )
+        .unwrap();
+        c.record(token, Event::SnapshotCreated { uuid: snap.into() })
+            .unwrap();
+        for v in vdis {
+            c.record(token, Event::VdiCreated { uuid: (*v).into() })
+                .unwrap();
+        }
+    }
+
+    fn kept_event(role: KeepRole, rp: Option<&str>) -> Event {
+        Event::Kept {
+            role,
+            target: "repo".into(),
+            restore_point: rp.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn kept_tokens_are_not_outstanding_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), "r1");
+        snapshot_of(&c, "t1", "vm1", "s1", &["d1", "d2"]);
+        snapshot_of(&c, "t2", "vm1", "s2", &["d3"]);
+        assert_eq!(c.journal.outstanding(None).unwrap().len(), 2);
+
+        c.record("t1", kept_event(KeepRole::Base, Some("20260101T000000Z")))
+            .unwrap();
+        let open = c.journal.outstanding(None).unwrap();
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0].token, "t2");
+        assert!(c.journal.is_kept("t1").unwrap());
+        assert!(!c.journal.is_kept("t2").unwrap());
+        let kept = c.journal.kept_for("p", "j", "vm1").unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].token.snapshot.as_deref(), Some("s1"));
+        assert_eq!(kept[0].token.vdis.len(), 2);
+        assert_eq!(kept[0].role, KeepRole::Base);
+        assert_eq!(kept[0].restore_point.as_deref(), Some("20260101T000000Z"));
+        assert!(!kept[0].metadata_only);
+        assert!(
+            c.journal
+                .kept_for("p", "other-job", "vm1")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(c.journal.kept_for("p", "j", "vm2").unwrap().is_empty());
+
+        // Compaction keeps every line of a kept token.
+        c.record("t2", Event::Done).unwrap();
+        c.journal.compact().unwrap();
+        let kept = c.journal.kept(None).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].token.vdis.len(), 2);
+
+        c.record("t1", Event::DataDestroyed).unwrap();
+        assert!(c.journal.kept(None).unwrap()[0].metadata_only);
+
+        c.record("t1", Event::Released).unwrap();
+        assert!(c.journal.kept(None).unwrap().is_empty());
+        let open = c.journal.outstanding(None).unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].token, "t1");
+        c.record("t1", Event::Done).unwrap();
+        c.journal.compact().unwrap();
+        assert!(c.journal.entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_resume_hold_becomes_a_base_and_kept_are_sorted_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), "r1");
+        snapshot_of(&c, "t1", "vm1", "s1", &["d1"]);
+        snapshot_of(&c, "t2", "vm1", "s2", &["d2"]);
+        c.record("t2", kept_event(KeepRole::Resume, None)).unwrap();
+        c.record("t1", kept_event(KeepRole::Base, Some("a")))
+            .unwrap();
+        let kept = c.journal.kept(Some("p")).unwrap();
+        assert_eq!(
+            kept.iter()
+                .map(|k| k.token.token.as_str())
+                .collect::<Vec<_>>(),
+            vec!["t2", "t1"]
+        );
+        c.record("t2", kept_event(KeepRole::Base, Some("b")))
+            .unwrap();
+        let kept = c.journal.kept(Some("p")).unwrap();
+        assert_eq!(kept.len(), 2);
+        let t2 = kept.iter().find(|k| k.token.token == "t2").unwrap();
+        assert_eq!(t2.role, KeepRole::Base);
+        assert_eq!(t2.restore_point.as_deref(), Some("b"));
+        assert_eq!(kept.last().unwrap().token.token, "t2");
+    }
+
+    #[test]
+    fn kept_lines_are_json_and_older_lines_still_read() {
+        let e = Entry {
+            at: OffsetDateTime::UNIX_EPOCH,
+            pool: "p".into(),
+            run_id: "r".into(),
+            job: "j".into(),
+            token: "t".into(),
+            event: kept_event(KeepRole::Resume, None),
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert!(s.contains("\"event\":\"kept\""), "{s}");
+        assert!(s.contains("\"role\":\"resume\""), "{s}");
+        assert!(!s.contains("restore_point"), "{s}");
+        assert_eq!(serde_json::from_str::<Entry>(&s).unwrap(), e);
+        let released = r#"{"at":"2026-01-01T00:00:00Z","pool":"p","run_id":"r","job":"j","token":"t","event":"released"}"#;
+        assert_eq!(
+            serde_json::from_str::<Entry>(released).unwrap().event,
+            Event::Released
         );
     }
 

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use xenvault_types::config::{Compression, Config, DiskSelection, ExportMode, JobConfig, Weekday};
+use xenvault_types::config::{
+    Compression, Config, DiskSelection, ExportMode, JobConfig, RetentionConfig, TargetKind, Weekday,
+};
 use xenvault_xapi::records::{Sr, SrRef, Vbd, VbdType, Vdi, VdiRef, Vm, VmRef};
 use xenvault_xapi::session::Session;
 
@@ -54,6 +56,9 @@ pub struct VmPlan {
     pub compression: Compression,
     /// Complete backups to keep.
     pub keep_last: u32,
+    /// The VM's whole retention (repository targets use the calendar keys
+    /// too); a VM override's `retention` wins over the job's.
+    pub retention: RetentionConfig,
     /// Estimated bytes on the target.
     pub estimate: u64,
     /// The SRs of its disks.
@@ -93,8 +98,13 @@ pub struct BackupPlan {
     pub today: String,
     /// The settings in force, as `key = value` pairs.
     pub settings: Vec<(String, String)>,
-    /// The target directory.
+    /// The target directory (a repository target's local path; empty for
+    /// a remote repository, see `target_url`).
     pub target: PathBuf,
+    /// The target's kind.
+    pub target_kind: TargetKind,
+    /// A remote repository's URL.
+    pub target_url: Option<String>,
     /// Target-level checks (writable, free space in total).
     pub target_checks: Vec<Check>,
     /// Leftovers of earlier runs (journal and tags).
@@ -140,11 +150,18 @@ impl BackupPlan {
             } else {
                 v.mode.to_string()
             };
+            let (what, keep) = if self.target_kind == TargetKind::Repository {
+                (
+                    "repository restore point (NBD, CBT when possible)".to_string(),
+                    retention_words(&v.retention),
+                )
+            } else {
+                (what, v.keep_last.to_string())
+            };
             out.push_str(&format!(
-                "  {} ({}) — {what}, keep {}, about {}; selected by {}\n",
+                "  {} ({}) — {what}, keep {keep}, about {}; selected by {}\n",
                 v.name,
                 v.uuid,
-                v.keep_last,
                 preflight::human_bytes(v.estimate),
                 v.why.join(", ")
             ));
@@ -186,6 +203,30 @@ impl BackupPlan {
     }
 }
 
+/// `last 7, daily 14` — the keep rules of a retention in words.
+pub fn retention_words(r: &RetentionConfig) -> String {
+    let mut parts = vec![format!("last {}", r.keep_last)];
+    for (name, n) in [
+        ("hourly", r.keep_hourly),
+        ("daily", r.keep_daily),
+        ("weekly", r.keep_weekly),
+        ("monthly", r.keep_monthly),
+        ("yearly", r.keep_yearly),
+    ] {
+        if n > 0 {
+            parts.push(format!("{name} {n}"));
+        }
+    }
+    parts.join(", ")
+}
+
+/// The retention of one VM: the job's, the deciding rule's `keep-last`,
+/// then the VM override's `keep-last` / `retention` (the loader's
+/// `config::repo::retention_for`, so `xenvault prune` plans the same).
+pub fn vm_retention(job: &JobConfig, name: &str, uuid: &str, tags: &[String]) -> RetentionConfig {
+    crate::config::repo::retention_for(job, name, uuid, tags)
+}
+
 /// The reserved free space of a target (bytes the run must leave free:
 /// the target's `reserved-space`).
 pub fn reserved_space(config: &Config, job: &JobConfig) -> u64 {
@@ -202,6 +243,13 @@ pub fn settings_of(config: &Config, job: &JobConfig, state_dir: &Path) -> Vec<(S
                 .target(&job.target)
                 .map(|t| format!("{} ({})", t.name, t.path.display()))
                 .unwrap_or_else(|| job.target.clone()),
+        ),
+        (
+            "target-type".to_string(),
+            match config.target(&job.target).map(|t| t.kind) {
+                Some(TargetKind::Repository) => "repository".to_string(),
+                _ => "archive".to_string(),
+            },
         ),
         ("mode".to_string(), job.mode.to_string()),
         ("disks".to_string(), job.disks.as_str().to_string()),
@@ -246,6 +294,24 @@ pub fn settings_of(config: &Config, job: &JobConfig, state_dir: &Path) -> Vec<(S
     if let Some(w) = &job.weekday_schedule {
         s.push(("weekday-file".to_string(), w.path.display().to_string()));
     }
+    if let Some(t) = config.target(&job.target)
+        && t.kind == TargetKind::Repository
+    {
+        if let Some(url) = &t.url {
+            s.push(("repository-url".to_string(), url.clone()));
+        }
+        s.push(("retention".to_string(), retention_words(&job.retention)));
+        s.push(("cbt".to_string(), format!("{:?}", job.cbt).to_lowercase()));
+        s.push(("base".to_string(), format!("{:?}", job.base).to_lowercase()));
+        s.push((
+            "nbd-connections".to_string(),
+            job.nbd_connections.to_string(),
+        ));
+        s.push((
+            "disk-concurrency".to_string(),
+            job.disk_concurrency.to_string(),
+        ));
+    }
     s
 }
 
@@ -288,10 +354,16 @@ pub async fn build(
     journal: &Journal,
     today: Weekday,
 ) -> Result<BackupPlan, PlanError> {
-    let target_dir = config
-        .target(&job.target)
-        .map(|t| t.path.clone())
-        .unwrap_or_default();
+    let target = config.target(&job.target);
+    let target_kind = target.map(|t| t.kind).unwrap_or_default();
+    let target_url = target
+        .filter(|t| t.kind == TargetKind::Repository)
+        .and_then(|t| t.url.clone());
+    let target_dir = if target_url.is_some() {
+        PathBuf::new()
+    } else {
+        target.map(|t| t.path.clone()).unwrap_or_default()
+    };
     let reserved = reserved_space(config, job);
 
     let mut candidates = Vec::new();
@@ -310,14 +382,36 @@ pub async fn build(
     }
     let selection = selection::select(job, &candidates, today);
 
-    // Target checks.
-    let writable = preflight::check_target_writable(&target_dir);
-    let free = if writable.failed() {
+    // Target checks: a local directory must be writable with room; a
+    // repository must open (reachable, initialized, password right).
+    let mut target_checks = Vec::new();
+    let writable = if target_url.is_none() {
+        preflight::check_target_writable(&target_dir)
+    } else {
+        Check::pass(
+            preflight::TARGET_WRITABLE,
+            target_url.clone().unwrap_or_default(),
+            "remote repository: checked by opening it",
+        )
+    };
+    let free = if writable.failed() || target_url.is_some() {
         None
     } else {
         preflight::free_space(&target_dir).ok()
     };
-    let mut target_checks = vec![writable.clone()];
+    if target_url.is_none() {
+        target_checks.push(writable.clone());
+    }
+    let mut target_failure = writable.failed().then(|| writable.detail.clone());
+    if let Some(t) = target.filter(|t| t.kind == TargetKind::Repository)
+        && target_failure.is_none()
+    {
+        let (c, _) = preflight::check_repository(t).await;
+        if c.failed() {
+            target_failure = Some(c.detail.clone());
+        }
+        target_checks.push(c);
+    }
 
     // Leftovers: what the journal and the tags say (the sweep acts at run time).
     let mut leftover_checks = Vec::new();
@@ -421,10 +515,7 @@ pub async fn build(
             .map(|h| h.uuid.clone());
 
         let mut checks = Vec::new();
-        let mut skip = None;
-        if writable.failed() {
-            skip = Some(writable.detail.clone());
-        }
+        let mut skip = target_failure.clone();
         let sr_check = preflight::check_sr_usage(&vm.name_label, &srs, job.sr_usage_threshold);
         if sr_check.failed() && skip.is_none() {
             skip = Some(sr_check.detail.clone());
@@ -449,6 +540,7 @@ pub async fn build(
             disks: chosen.disks,
             compression: chosen.compression,
             keep_last: chosen.retention.keep_last,
+            retention: vm_retention(job, &vm.name_label, &vm.uuid, &vm.tags),
             estimate,
             srs,
             checks,
@@ -487,6 +579,8 @@ pub async fn build(
         today: today.name().to_string(),
         settings: settings_of(config, job, journal.dir()),
         target: target_dir,
+        target_kind,
+        target_url,
         target_checks,
         leftover_checks,
         vms,

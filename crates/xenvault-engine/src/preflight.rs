@@ -91,6 +91,63 @@ pub const FREE_SPACE: &str = "free space";
 pub const SR_USAGE: &str = "SR usage";
 /// Check name: leftovers of earlier runs.
 pub const LEFTOVERS: &str = "leftovers";
+/// Check name: the repository of a repository target opens.
+pub const REPOSITORY: &str = "repository";
+
+/// The place a target names, for messages: its URL or its directory.
+pub fn target_location(target: &xenvault_types::config::TargetConfig) -> String {
+    match &target.url {
+        Some(url) => url.clone(),
+        None => target.path.display().to_string(),
+    }
+}
+
+/// True when a repository that cannot be opened is a configuration problem
+/// (no repository there, no or a wrong password, a format this version does
+/// not read): exit code 2 rather than 1.
+pub fn repo_error_is_config(e: &xenvault_repo::RepoError) -> bool {
+    use xenvault_repo::RepoError as E;
+    matches!(
+        e,
+        E::NotARepository
+            | E::PasswordRequired
+            | E::WrongPassword { .. }
+            | E::UnsupportedVersion { .. }
+            | E::Invalid { .. }
+    )
+}
+
+/// Opens the repository of a `type = "repository"` target (reachable,
+/// initialized, the password right) and says so as a check.
+pub async fn check_repository(
+    target: &xenvault_types::config::TargetConfig,
+) -> (Check, Option<xenvault_repo::Repository>) {
+    let subject = target_location(target);
+    match crate::repository::open_repository(target).await {
+        Ok(repo) => {
+            let c = repo.config();
+            let detail = format!(
+                "repository {} opened ({}, {} chunks)",
+                c.id,
+                if repo.is_encrypted() {
+                    "encrypted"
+                } else {
+                    "not encrypted"
+                },
+                human_bytes(u64::from(c.chunk_size))
+            );
+            (Check::pass(REPOSITORY, subject, detail), Some(repo))
+        }
+        Err(e) => (
+            Check::fail(
+                REPOSITORY,
+                subject,
+                format!("target {}: cannot open the repository: {e}", target.name),
+            ),
+            None,
+        ),
+    }
+}
 
 /// Writes, syncs, reads back and removes a small file in `dir` (creating
 /// `dir` when missing). Any failure means nothing can be backed up there.

@@ -1,4 +1,4 @@
-//! Chunk write/read throughput of the repository for 1, 2 and 4 MiB chunks,
+//! Chunk write/read throughput of the repository for 256 KiB to 4 MiB chunks,
 //! plain and encrypted, on the memory backend (CPU only) and the local backend
 //! (fsync per object). Not a test: run it to choose the default chunk size.
 //!
@@ -54,7 +54,7 @@ fn corpus(total: usize) -> Vec<u8> {
 
 struct Row {
     backend: &'static str,
-    chunk_mib: u32,
+    chunk_kib: u32,
     mode: &'static str,
     write: Duration,
     read: Duration,
@@ -194,7 +194,7 @@ fn main() {
         .expect("runtime");
     let mut rows = Vec::new();
     for backend in ["memory", "local"] {
-        for chunk_mib in [1u32, 2, 4] {
+        for chunk_kib in [256u32, 512, 1024, 2048, 4096] {
             for (mode, cipher) in [
                 ("plain", None),
                 ("aes-256-gcm", Some(CipherKind::Aes256Gcm)),
@@ -210,7 +210,7 @@ fn main() {
                         "memory" => Arc::new(MemoryStorage::new()),
                         _ => Arc::new(LocalStorage::new(dir.path()).expect("local")),
                     };
-                    let r = rt.block_on(run_one(storage, chunk_mib << 20, cipher, &data));
+                    let r = rt.block_on(run_one(storage, chunk_kib << 10, cipher, &data));
                     best = Some(match best {
                         Some(b) => [
                             b[0].min(r[0]),
@@ -226,7 +226,7 @@ fn main() {
                 let b = best.expect("ran");
                 rows.push(Row {
                     backend,
-                    chunk_mib,
+                    chunk_kib,
                     mode,
                     write: Duration::from_nanos(b[0]),
                     read: Duration::from_nanos(b[1]),
@@ -248,9 +248,9 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} MiB | {} | {:.0} | {:.0} | {:.1} | {:.3} s ({:.0}%) | {} of {} | {:.1} |",
+            "| {} | {} KiB | {} | {:.0} | {:.0} | {:.1} | {:.3} s ({:.0}%) | {} of {} | {:.1} |",
             r.backend,
-            r.chunk_mib,
+            r.chunk_kib,
             r.mode,
             mbs(r.write),
             mbs(r.read),
@@ -258,7 +258,7 @@ fn main() {
             r.incr.as_secs_f64(),
             100.0 * r.incr.as_secs_f64() / r.write.as_secs_f64(),
             r.incr_chunks,
-            data.len() / (r.chunk_mib as usize * MIB),
+            data.len() / (r.chunk_kib as usize * 1024),
             r.incr_stored as f64 / MIB as f64
         );
     }

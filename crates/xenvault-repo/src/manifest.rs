@@ -77,14 +77,15 @@ impl RepoConfig {
     }
 }
 
-/// Checks that `size` is 1, 2 or 4 MiB.
+/// Checks that `size` is 256 KiB, 512 KiB, 1 MiB, 2 MiB or 4 MiB (all multiples
+/// of CBT's 64 KiB blocks; 256 and 512 KiB for the chunk-size benchmark, ADR 0005).
 pub fn validate_chunk_size(size: u32) -> Result<()> {
-    if [1u32 << 20, 2 << 20, 4 << 20].contains(&size) {
+    if [256u32 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20].contains(&size) {
         Ok(())
     } else {
         Err(RepoError::invalid(
             "chunk size",
-            format!("{size} bytes; use 1, 2 or 4 MiB"),
+            format!("{size} bytes; use 256 KiB, 512 KiB, 1 MiB, 2 MiB or 4 MiB"),
         ))
     }
 }
@@ -254,6 +255,10 @@ mod tests {
         assert!(validate_segment("disk", "../x").is_err());
         assert!(validate_segment("disk", "").is_err());
         assert!(validate_chunk_size(4 << 20).is_ok());
+        assert!(validate_chunk_size(256 << 10).is_ok());
+        assert!(validate_chunk_size(512 << 10).is_ok());
         assert!(validate_chunk_size(3 << 20).is_err());
+        assert!(validate_chunk_size(128 << 10).is_err());
+        assert!(validate_chunk_size(8 << 20).is_err());
     }
 }

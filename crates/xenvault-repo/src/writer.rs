@@ -288,6 +288,59 @@ impl RestorePointWriter {
         ))
     }
 
+    /// A disk written as changes to a caller-supplied starting index: a
+    /// resumed disk (an interrupted backup's [`DiskCheckpoint`] entries below
+    /// its `done`, the parent's or zero ids above). Chunks partly covered by
+    /// fed extents are completed from the starting index's chunk, as for an
+    /// incremental disk. The caller makes sure every non-zero id of `start`
+    /// is stored (a checkpoint is referenced by no manifest, so a prune sweep
+    /// may have removed some of its chunks: `stat` them after this restore
+    /// point's shared lock is taken). `parent_index` is what the manifest
+    /// entry names as the parent.
+    pub fn disk_from_index(
+        &self,
+        key: &str,
+        start: FixedIndex,
+        parent_index: Option<String>,
+        meta: serde_json::Value,
+    ) -> Result<DiskWriter> {
+        if start.disk_size > MAX_DISK_SIZE {
+            return Err(RepoError::invalid(
+                "disk size",
+                format!(
+                    "{} bytes is more than the 64 TiB this format supports",
+                    start.disk_size
+                ),
+            ));
+        }
+        if start.chunk_size != self.repo.chunk_size()
+            || start.ids.len() as u64
+                != crate::index::chunk_count(start.disk_size, start.chunk_size)
+        {
+            return Err(RepoError::invalid(
+                "starting index",
+                format!(
+                    "{} ids of {} bytes for a disk of {} bytes do not fit this repository's {}-byte chunks",
+                    start.ids.len(),
+                    start.chunk_size,
+                    start.disk_size,
+                    self.repo.chunk_size()
+                ),
+            ));
+        }
+        self.claim_disk(key)?;
+        {
+            let mut known = self.shared.known.lock().unwrap_or_else(|e| e.into_inner());
+            for id in start.ids.iter().filter(|i| !i.is_zero()) {
+                if known.len() >= KNOWN_CACHE_LIMIT {
+                    break;
+                }
+                known.insert(*id);
+            }
+        }
+        Ok(self.disk_writer(key, start, DiskMode::Incremental, parent_index, meta))
+    }
+
     /// Writes the manifest: the restore point now exists. Every disk writer must
     /// have been finished. Releases the lock.
     pub async fn commit(
@@ -386,6 +439,18 @@ struct ChunkDone {
     idx: u64,
     id: ChunkId,
     outcome: Outcome,
+}
+
+/// A resumable state of a disk being written ([`DiskWriter::checkpoint`]):
+/// the chunks wholly below `done` are final and stored, with their ids in
+/// `index`; the other entries are still the starting index's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskCheckpoint {
+    /// Bytes from the disk's start covered by final chunks (a chunk
+    /// boundary, or the disk size).
+    pub done: u64,
+    /// The index as it is now.
+    pub index: FixedIndex,
 }
 
 /// One disk of a restore point being written. Feed extents with
@@ -570,6 +635,24 @@ impl DiskWriter {
         Ok(())
     }
 
+    /// Waits until every chunk handed over so far is stored, then returns a
+    /// checkpoint (for resuming an interrupted backup). The chunk being
+    /// filled, if any, is not part of it. Writing continues normally after.
+    pub async fn checkpoint(&mut self) -> Result<DiskCheckpoint> {
+        while !self.inflight.is_empty() {
+            self.reap_one().await?;
+        }
+        let done = match &self.cur {
+            Some(p) => p.idx * self.chunk_size,
+            None if self.pos >= self.index.disk_size => self.index.disk_size,
+            None => self.pos / self.chunk_size * self.chunk_size,
+        };
+        Ok(DiskCheckpoint {
+            done,
+            index: self.index.clone(),
+        })
+    }
+
     /// Completes the disk: waits for its chunks, writes its index, and registers
     /// it with the restore point. Returns its manifest entry.
     pub async fn finish(mut self) -> Result<DiskEntry> {
@@ -682,4 +765,163 @@ async fn process_chunk(
     };
     shared.remember(id);
     Ok(ChunkDone { idx, id, outcome })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::repo::InitOptions;
+    use crate::storage::MemoryStorage;
+
+    fn pattern(size: usize, seed: u8) -> Vec<u8> {
+        (0..size)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    async fn read_back(repo: &Repository, m: &Manifest, key: &str) -> Vec<u8> {
+        let size = m.disk(key).unwrap().size as usize;
+        let mut out = vec![0u8; size];
+        let mut r = repo.read_disk(m, key, 2).await.unwrap();
+        while let Some(e) = r.next_extent().await {
+            let e = e.unwrap();
+            if let ExtentData::Data(d) = e.data {
+                out[e.offset as usize..e.offset as usize + d.len()].copy_from_slice(&d);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_checkpointed_disk_resumes_from_its_index() {
+        let repo = Repository::init(Arc::new(MemoryStorage::new()), InitOptions::default())
+            .await
+            .unwrap();
+        let cs = u64::from(repo.chunk_size());
+        let size = 5 * cs + cs / 2;
+        let img = pattern(size as usize, 7);
+        let t0 = time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(20000);
+
+        // An interrupted backup: 2.7 chunks fed, checkpointed, aborted.
+        let rp = repo
+            .begin_restore_point("vm", "vm", t0, None, WriteOptions::default())
+            .await
+            .unwrap();
+        let mut dw = rp.full_disk("d", size, serde_json::Value::Null).unwrap();
+        let fed = 2 * cs + cs * 7 / 10;
+        dw.write_extent(Extent::data(0, img[..fed as usize].to_vec()))
+            .await
+            .unwrap();
+        let cp = dw.checkpoint().await.unwrap();
+        assert_eq!(
+            cp.done,
+            2 * cs,
+            "the partly filled third chunk is not final"
+        );
+        assert!(cp.index.ids[..2].iter().all(|i| !i.is_zero()));
+        assert!(cp.index.ids[2..].iter().all(|i| i.is_zero()));
+        for id in &cp.index.ids[..2] {
+            assert_eq!(repo.read_chunk(id).await.unwrap().len() as u64, cs);
+        }
+        drop(dw);
+        rp.abort().await.unwrap();
+
+        // The resumed backup feeds only what the checkpoint lacks.
+        let rp = repo
+            .begin_restore_point("vm", "vm", t0, None, WriteOptions::default())
+            .await
+            .unwrap();
+        let mut dw = rp
+            .disk_from_index("d", cp.index.clone(), None, serde_json::Value::Null)
+            .unwrap();
+        dw.write_extent(Extent::data(cp.done, img[cp.done as usize..].to_vec()))
+            .await
+            .unwrap();
+        let end = dw.checkpoint().await.unwrap();
+        assert_eq!(end.done, size);
+        let entry = dw.finish().await.unwrap();
+        assert_eq!(entry.stats.bytes_fed, size - cp.done);
+        let m = rp
+            .commit(
+                serde_json::json!({}),
+                serde_json::json!({}),
+                serde_json::json!({}),
+            )
+            .await
+            .unwrap();
+        assert!(read_back(&repo, &m, "d").await == img);
+    }
+
+    #[tokio::test]
+    async fn a_partly_fed_chunk_is_completed_from_the_starting_index() {
+        let repo = Repository::init(Arc::new(MemoryStorage::new()), InitOptions::default())
+            .await
+            .unwrap();
+        let cs = u64::from(repo.chunk_size());
+        let size = 3 * cs;
+        let old = pattern(size as usize, 3);
+        let t0 = time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(20000);
+        let rp = repo
+            .begin_restore_point("vm", "vm", t0, None, WriteOptions::default())
+            .await
+            .unwrap();
+        let mut dw = rp.full_disk("d", size, serde_json::Value::Null).unwrap();
+        dw.write_extent(Extent::data(0, old.clone())).await.unwrap();
+        let cp = dw.checkpoint().await.unwrap();
+        assert_eq!(cp.done, size);
+        drop(dw);
+        rp.abort().await.unwrap();
+
+        let mut new = old.clone();
+        let at = (cs + 4096) as usize;
+        new[at..at + 512].fill(0xAB);
+        let rp = repo
+            .begin_restore_point("vm", "vm", t0, None, WriteOptions::default())
+            .await
+            .unwrap();
+        let mut dw = rp
+            .disk_from_index("d", cp.index, Some("x".into()), serde_json::Value::Null)
+            .unwrap();
+        dw.write_extent(Extent::data(at as u64, new[at..at + 512].to_vec()))
+            .await
+            .unwrap();
+        let entry = dw.finish().await.unwrap();
+        assert_eq!(entry.mode, DiskMode::Incremental);
+        assert_eq!(entry.parent_index.as_deref(), Some("x"));
+        let m = rp
+            .commit(
+                serde_json::json!({}),
+                serde_json::json!({}),
+                serde_json::json!({}),
+            )
+            .await
+            .unwrap();
+        assert!(read_back(&repo, &m, "d").await == new);
+    }
+
+    #[tokio::test]
+    async fn a_starting_index_of_another_geometry_is_refused() {
+        let repo = Repository::init(Arc::new(MemoryStorage::new()), InitOptions::default())
+            .await
+            .unwrap();
+        let t0 = time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(20000);
+        let rp = repo
+            .begin_restore_point("vm", "vm", t0, None, WriteOptions::default())
+            .await
+            .unwrap();
+        let cs = repo.chunk_size();
+        let mut bad = FixedIndex::zeroed(4 * u64::from(cs), cs);
+        bad.ids.pop();
+        let err = rp
+            .disk_from_index("d", bad, None, serde_json::Value::Null)
+            .unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+        let other = FixedIndex::zeroed(4 * u64::from(cs), cs / 2);
+        assert!(
+            rp.disk_from_index("d", other, None, serde_json::Value::Null)
+                .is_err()
+        );
+        rp.abort().await.unwrap();
+    }
 }

@@ -51,6 +51,7 @@ async fn backup(repo: &Repository, n: u64, parent: Option<&Manifest>) -> Manifes
         )
         .await
         .unwrap();
+    say(&format!("begin {n}"));
     let mut w = match parent {
         Some(_) => rp
             .incremental_disk("d", SIZE, "d", json!(null))
@@ -73,6 +74,14 @@ async fn backup(repo: &Repository, n: u64, parent: Option<&Manifest>) -> Manifes
     rp.commit(json!({}), json!({}), json!({"n": n}))
         .await
         .unwrap()
+}
+
+/// A progress line on stdout, flushed (the parent paces its kills on them).
+fn say(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 async fn read_all(repo: &Repository, m: &Manifest) -> Vec<u8> {
@@ -103,6 +112,8 @@ async fn child(dir: &str, first: u64) {
         let parent = repo.latest_restore_point("vm").await.unwrap();
         let parent = parent.filter(|_| !n.is_multiple_of(3));
         backup(&repo, n, parent.as_ref()).await;
+        // Tell the parent one more restore point exists (it paces its kills on it).
+        say(&format!("committed {n}"));
         if n.is_multiple_of(2) {
             let all = repo.list_restore_points(Some("vm")).await.unwrap();
             if all.len() > 4 {
@@ -168,6 +179,7 @@ async fn kill9_at_random_moments() {
     let mut next_first = 1u64;
     let mut seen = std::collections::HashSet::new();
     let mut interrupted = 0;
+    let mut old_locks = std::collections::HashSet::new();
     for trial in 0..20 {
         let mut child = std::process::Command::new(&exe)
             .args([
@@ -179,14 +191,69 @@ async fn kill9_at_random_moments() {
             ])
             .env("XV_REPO_KILL9_CHILD", &path)
             .env("XV_REPO_KILL9_FIRST", next_first.to_string())
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(30 + seed % 400)).await;
+        // Pace the kill on the child's progress, not on the clock (a loaded
+        // machine may take longer than any fixed delay to start it): wait for
+        // 2 or 3 committed restore points, then kill either at a random moment
+        // of the next cycle of work (backup, forget, prune mark or sweep; the
+        // cycle's length taken from the last two commits) or, on every other
+        // trial, at a random moment inside the next backup (after its lock was
+        // taken; the length taken from the last backup).
+        let wanted = 2 + seed % 2;
+        let inside_backup = (seed >> 4).is_multiple_of(2);
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<(bool, std::time::Instant)>();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let now = std::time::Instant::now();
+                let sent = if line.starts_with("committed ") {
+                    tx.send((true, now))
+                } else if line.starts_with("begin ") {
+                    tx.send((false, now))
+                } else {
+                    Ok(())
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        let next = |want_commit: bool| loop {
+            let (commit, at) = rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the child makes progress within 2 minutes");
+            if commit == want_commit {
+                return at;
+            }
+        };
+        let mut last_commit = None;
+        let mut cycle = Duration::from_millis(100);
+        let mut backup_len = Duration::from_millis(50);
+        for _ in 0..wanted {
+            let begun = next(false);
+            let committed = next(true);
+            backup_len = committed - begun;
+            if let Some(prev) = last_commit {
+                cycle = committed - prev;
+            }
+            last_commit = Some(committed);
+        }
+        let window = if inside_backup {
+            next(false);
+            backup_len
+        } else {
+            cycle
+        };
+        let window_ms = (window.as_millis() as u64).max(1);
+        tokio::time::sleep(Duration::from_millis((seed >> 8) % window_ms)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         next_first += 1000;
@@ -206,13 +273,19 @@ async fn kill9_at_random_moments() {
         assert_eq!(read_all(&repo, &baseline).await, image(0));
         // Evidence of a kill in the middle of something: an orphan index, a lock
         // or a pending prune mark.
+        // Locks of earlier killed children stay until they go stale, so only
+        // a lock this trial's child left counts.
         let keys = s.list("").await.unwrap();
-        if keys
-            .iter()
-            .any(|m| m.key.starts_with("locks/") || m.key == "prune/mark")
-        {
+        if keys.iter().any(|m| {
+            (m.key.starts_with("locks/") && !old_locks.contains(&m.key)) || m.key == "prune/mark"
+        }) {
             interrupted += 1;
         }
+        old_locks.extend(
+            keys.into_iter()
+                .filter(|m| m.key.starts_with("locks/"))
+                .map(|m| m.key),
+        );
     }
     // The test must not pass vacuously: the children did real work and were
     // killed in the middle of it at least sometimes.

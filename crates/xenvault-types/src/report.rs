@@ -185,6 +185,74 @@ pub struct VmReport {
     /// Warnings that did not fail the VM.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Repository targets: what was read and stored (absent for archives
+    /// and in reports written before repositories existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RepoVmStats>,
+}
+
+/// What a VM's backup into a repository read from the pool and stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RepoVmStats {
+    /// The restore point written (`<vm uuid>/<id>`), empty if none.
+    #[serde(default)]
+    pub restore_point: String,
+    /// Bytes read from the pool (NBD reads or VHD export bytes).
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// Bytes of new chunks stored (compressed, encrypted).
+    #[serde(default)]
+    pub bytes_stored: u64,
+    /// Chunks stored by this backup.
+    #[serde(default)]
+    pub new_chunks: u64,
+    /// Chunks already in the repository (deduplicated).
+    #[serde(default)]
+    pub dedup_chunks: u64,
+    /// Per disk: how it was read and what it stored.
+    #[serde(default)]
+    pub disks: Vec<DiskReadReport>,
+}
+
+/// How one disk was read into the repository.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DiskReadReport {
+    /// The repository disk key (the live VDI's uuid).
+    #[serde(default)]
+    pub key: String,
+    /// The VBD's device (`0`, `1`, …).
+    #[serde(default)]
+    pub userdevice: String,
+    /// The VDI's name.
+    #[serde(default)]
+    pub name: String,
+    /// Virtual size in bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// `nbd-full`, `nbd-cbt`, `vhd-diff`, `vhd-full`.
+    #[serde(default)]
+    pub method: String,
+    /// Why not the best method (a fallback's cause), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Incremental on the parent restore point's disk.
+    #[serde(default)]
+    pub incremental: bool,
+    /// Bytes read from the pool for this disk.
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// Bytes of new chunks stored.
+    #[serde(default)]
+    pub bytes_stored: u64,
+    /// New chunks.
+    #[serde(default)]
+    pub new_chunks: u64,
+    /// Deduplicated chunks.
+    #[serde(default)]
+    pub dedup_chunks: u64,
+    /// All-zero chunks (not stored).
+    #[serde(default)]
+    pub zero_chunks: u64,
 }
 
 impl VmReport {
@@ -205,6 +273,7 @@ impl VmReport {
             location: None,
             pruned: Vec::new(),
             notes: Vec::new(),
+            repository: None,
         }
     }
 
@@ -541,7 +610,33 @@ mod tests {
             location: None,
             pruned: vec![],
             notes: vec![],
+            repository: None,
         }
+    }
+
+    #[test]
+    fn reports_without_repository_fields_still_parse() {
+        let old = r#"{"name":"web","uuid":"u","started":null,"finished":null,"bytes":5,
+            "outcome":{"status":"succeeded"},"cleanup":{"status":"nothing_to_clean"},
+            "location":"/b/web/1","pruned":[],"notes":[]}"#;
+        let vm: VmReport = serde_json::from_str(old).unwrap();
+        assert_eq!(vm.repository, None);
+        let json = serde_json::to_string(&vm).unwrap();
+        assert!(!json.contains("repository"), "{json}");
+        let mut with = vm.clone();
+        with.repository = Some(RepoVmStats {
+            new_chunks: 3,
+            disks: vec![DiskReadReport {
+                method: "vhd-full".into(),
+                reason: Some("NBD unreachable".into()),
+                ..DiskReadReport::default()
+            }],
+            ..RepoVmStats::default()
+        });
+        let back: VmReport = serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
+        let partial: RepoVmStats = serde_json::from_str(r#"{"new_chunks":1}"#).unwrap();
+        assert_eq!(partial.new_chunks, 1);
     }
 
     fn report(vms: Vec<VmReport>) -> RunReport {

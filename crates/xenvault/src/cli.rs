@@ -45,17 +45,43 @@ pub enum Command {
     )]
     Backup(JobArgs),
 
-    /// List what can be restored: the restore points of an archive, per VM.
+    /// List what can be restored: the restore points of an archive or a repository, per VM.
     #[command(
-        after_help = "Shows per VM each restore point's time, size, format, whether it is complete or\npartial, and its checksum status (--verify re-reads every file against SHA256SUMS).\nExit code 1 when --verify finds a damaged restore point.\n\nExamples:\n  xenvault list nightly\n  xenvault list --target /mnt/backups --vm web-01\n  xenvault list --target /mnt/backups --verify\n  xenvault list nightly --json | jq '.[] | select(.complete) | .dir'"
+        after_help = "Archives: per VM each restore point's time, size, format, whether it is complete or\npartial, and its checksum status (--verify re-reads every file against SHA256SUMS).\nRepositories: per VM each restore point's id, time, disks, size, bytes it stored, full\nor incremental, and its job (--verify re-reads and re-hashes every chunk).\n--target takes a directory (archive or local repository) or a target's name.\nExit code 1 when --verify finds a damaged restore point.\n\nExamples:\n  xenvault list nightly\n  xenvault list --target /mnt/backups --vm web-01\n  xenvault list --target /mnt/backups --verify\n  xenvault list --config /etc/xenvault/xenvault.toml --target offsite   # a repository target\n  xenvault list --repo /srv/xenvault-repo --password-env REPO_PW\n  xenvault list nightly --json | jq '.[] | select(.complete) | .dir'"
     )]
     List(crate::list::ListArgs),
 
-    /// Restore a VM (or one disk) from an archive into a pool.
+    /// Restore a VM (or one disk) from an archive or a repository into a pool, or to a file.
     #[command(
-        after_help = "The archive's checksums are checked first: a damaged restore point is refused,\nnaming the file. Anything a failed restore created on the pool is removed.\nExit codes: 0 restored, 1 failed, 2 bad usage (unknown VM, restore point, SR; the\noriginal VM still exists), 3 restored but not started.\n\nExamples:\n  xenvault restore nightly --vm web-01                      # newest backup, new VM, default SR\n  xenvault restore --target /mnt/backups --vm web-01 --at 20261122 --sr 5f0c… --start\n  xenvault restore nightly --vm web-01 --preserve-identity  # same uuid and MACs (original gone)\n  xenvault restore nightly --vm web-01 --disk 1 --name 'web-01 data'   # one disk into a new VDI\n  xenvault restore nightly --vm web-01 --pool dr-site --sr 9a1e…       # into another pool"
+        after_help = "The archive's checksums are checked first: a damaged restore point is refused,\nnaming the file. Repository chunks are checked as they are read: a damaged one stops\nthe restore, naming its object. Anything a failed restore created on the pool is\nremoved. From a repository also: one disk into an existing VDI (--into-vdi; only the\nchunks that differ are written) and to a file (--to-file: raw, vhd or xva; no pool).\nExit codes: 0 restored, 1 failed, 2 bad usage (unknown VM, restore point, SR; the\noriginal VM still exists; wrong password), 3 restored but not started.\n\nExamples:\n  xenvault restore --config /etc/xenvault/xenvault.toml --target local --vm web-01 --at 20261122\n  xenvault restore --repo /srv/xenvault-repo --vm web-01 --disk 0 --to-file /tmp/web-01.raw\n  xenvault restore --target local --vm web-01 --to-file /tmp/web-01.xva\n  xenvault restore --target local --vm web-01 --disk 0 --into-vdi 7c1e…   # only changed chunks\n  xenvault restore nightly --vm web-01                      # newest backup, new VM, default SR\n  xenvault restore --target /mnt/backups --vm web-01 --at 20261122 --sr 5f0c… --start\n  xenvault restore nightly --vm web-01 --preserve-identity  # same uuid and MACs (original gone)\n  xenvault restore nightly --vm web-01 --disk 1 --name 'web-01 data'   # one disk into a new VDI\n  xenvault restore nightly --vm web-01 --pool dr-site --sr 9a1e…       # into another pool"
     )]
     Restore(crate::restore::RestoreArgs),
+
+    /// Create a deduplicating repository (`repo init`); manage its keys (`repo key`).
+    #[command(subcommand)]
+    Repo(crate::repo::RepoCommand),
+
+    /// Manage the key slots of an encrypted repository: list, add, change, export, import, remove.
+    #[command(subcommand)]
+    Key(crate::key::KeyCommand),
+
+    /// Check a repository's structure: every manifest and index readable, every chunk present.
+    #[command(
+        after_help = "Names each damaged or missing object and every restore point it breaks.\nExit codes: 0 clean, 1 damaged (or failed), 2 bad usage (no repository, wrong password).\n\nExamples:\n  xenvault check --config /etc/xenvault/xenvault.toml --target local\n  xenvault check --repo /srv/xenvault-repo --password-env REPO_PW --json"
+    )]
+    Check(crate::check::CheckArgs),
+
+    /// Re-read, authenticate and re-hash a repository's chunks (all, or a sample).
+    #[command(
+        after_help = "Does everything `check` does, then downloads the chunks and checks their content\nagainst their ids (a tampered encrypted chunk fails authentication). Names each\ndamaged chunk and every restore point it breaks.\nExit codes: 0 clean, 1 damaged (or failed), 2 bad usage.\n\nExamples:\n  xenvault verify --target local\n  xenvault verify --target offsite --sample 5          # 5% of the chunks, a new sample each run\n  xenvault verify --repo /srv/xenvault-repo --sample 10 --seed 42"
+    )]
+    Verify(crate::check::VerifyArgs),
+
+    /// Apply the jobs' retention to a repository, then free the chunks no restore point uses.
+    #[command(
+        after_help = "Shows the retention plan per VM (each restore point kept with its reasons:\nlast, hourly, daily, weekly, monthly, yearly — or removed), from the configuration's\njobs writing to the repository (the job named in a VM's newest restore point). Then\nforgets the removed restore points and prunes in two phases: chunks an earlier\nprune marked unused at least --grace ago and still unused are deleted, and what\nis unused now is marked. Safe while backups run (the sweep waits for them).\nStale locks (of crashed processes) are reported and removed.\nExit codes: 0 done, 1 failed (e.g. unreadable metadata: run check), 2 bad usage.\n\nExamples:\n  xenvault prune --config /etc/xenvault/xenvault.toml --target local --dry-run\n  xenvault prune --target local\n  xenvault prune --repo /srv/xenvault-repo --config /etc/xenvault/xenvault.toml --grace 2h"
+    )]
+    Prune(crate::prune::PruneArgs),
 }
 
 /// Options of `xenvault plan` and `xenvault backup`.

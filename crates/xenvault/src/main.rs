@@ -4,12 +4,16 @@
 //! command and turns its outcome into an exit code (see [`exit`]).
 
 mod backup;
+mod check;
 mod cli;
 mod config_file;
 mod demo;
 mod exit;
+mod key;
 mod list;
 mod plan;
+mod prune;
+mod repo;
 mod restore;
 mod trust;
 
@@ -41,6 +45,11 @@ fn main() -> std::process::ExitCode {
             Command::Backup(args) => backup::run(args, cli.json).await,
             Command::List(args) => list::run(args, cli.json).await,
             Command::Restore(args) => restore::run(args, cli.json).await,
+            Command::Repo(command) => repo::run(command, cli.json).await,
+            Command::Key(command) => key::run(command, cli.json).await,
+            Command::Check(args) => check::run_check(args, cli.json).await,
+            Command::Verify(args) => check::run_verify(args, cli.json).await,
+            Command::Prune(args) => prune::run(args, cli.json).await,
         }
     });
     match outcome {

@@ -1,6 +1,7 @@
-//! `xenvault restore`: a VM (or one disk) from an archive restore point into
-//! a pool of the configuration, with progress on stderr and the result on
-//! stdout (text or `--json`).
+//! `xenvault restore`: a VM (or one disk) from an archive or repository
+//! restore point into a pool of the configuration; from a repository also
+//! one disk into an existing VDI (only the chunks that differ) or to a file
+//! (raw, VHD, XVA). Progress on stderr, the result on stdout (text or `--json`).
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -9,15 +10,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
+use xenvault_engine::restore::repo::{
+    FileFormat, FileRestoreOptions, IntoVdiOptions, RepoDiskRestoreOptions, RepoVmRestoreOptions,
+    find_repo_point, restore_repo_disk, restore_repo_disk_into, restore_repo_to_file,
+    restore_repo_vm,
+};
 use xenvault_engine::restore::{
     Cancel, DiskRestoreOptions, DiskSelector, PoolConnection, ProgressFn, RestoreError,
     RestorePhase, RestoreProgress, VmIdentity, VmRestoreOptions, find_point, restore_disk,
     restore_vm,
 };
+use xenvault_engine::restore::{RestoredDisk, RestoredVm};
 use xenvault_types::config::Config;
 
 use crate::config_file::{config_path, load_config};
 use crate::exit::{ExitCode, UsageError};
+use crate::repo::{Backups, BackupsWanted, Chosen, locate};
 
 /// Options of `xenvault restore`.
 #[derive(Debug, Args)]
@@ -26,17 +34,22 @@ pub struct RestoreArgs {
     /// is restored into, unless --target / --pool say otherwise.
     pub job: Option<String>,
 
-    /// The archive directory to restore from (instead of a job's target).
-    #[arg(long, value_name = "DIR")]
+    /// The archive or repository directory to restore from (instead of a
+    /// job's target), or the name of a target of the configuration.
+    #[arg(long, value_name = "DIR|NAME", conflicts_with = "repo")]
     pub target: Option<PathBuf>,
+
+    /// A repository in a local directory.
+    #[arg(long, value_name = "DIR")]
+    pub repo: Option<PathBuf>,
 
     /// The VM to restore: its name (or uuid) in the archive.
     #[arg(long, value_name = "NAME")]
     pub vm: String,
 
-    /// Which restore point: its timestamp (`20261122-030405`) or a prefix of
-    /// its digits (`20261122`: the newest of that day). Default: the newest
-    /// complete one.
+    /// Which restore point: its timestamp (`20261122-030405`; in a
+    /// repository its id `20261122T030405Z`) or a prefix (`20261122`: the
+    /// newest of that day). Default: the newest complete one.
     #[arg(long, value_name = "TS")]
     pub at: Option<String>,
 
@@ -79,33 +92,37 @@ pub struct RestoreArgs {
     /// then fail half-way; XAPI still checks the XVA's own chunk sums).
     #[arg(long)]
     pub no_verify: bool,
-}
 
-/// The archive directory: `--target`, else the job's target.
-pub fn target_dir(
-    target: Option<&PathBuf>,
-    job: Option<&str>,
-    config: Option<&Config>,
-) -> anyhow::Result<PathBuf> {
-    if let Some(t) = target {
-        return Ok(t.clone());
-    }
-    let (Some(job), Some(config)) = (job, config) else {
-        return Err(UsageError("say where the backups are: a JOB or --target DIR".into()).into());
-    };
-    let job_cfg = config.job(job).ok_or_else(|| {
-        UsageError(format!(
-            "no job {job:?} in the configuration; jobs: {}",
-            config.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
-        ))
-    })?;
-    let target = config.target(&job_cfg.target).ok_or_else(|| {
-        UsageError(format!(
-            "job {job:?} names target {:?}, which the configuration lacks",
-            job_cfg.target
-        ))
-    })?;
-    Ok(target.path.clone())
+    /// Repositories: write to this file instead of a pool: one disk (--disk;
+    /// raw or vhd) or the whole VM (xva). No pool or configuration needed.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["sr", "start", "preserve_identity", "pool", "into_vdi", "name"])]
+    pub to_file: Option<PathBuf>,
+
+    /// The file's format: raw, vhd or xva. Default: from the file's
+    /// extension, else raw with --disk and xva without.
+    #[arg(long, value_name = "FORMAT", requires = "to_file")]
+    pub format: Option<FileFormat>,
+
+    /// With --to-file: replace an existing file.
+    #[arg(long, requires = "to_file")]
+    pub overwrite: bool,
+
+    /// Repositories: write the disk (--disk) into this existing VDI (uuid),
+    /// sending only the chunks whose content differs.
+    #[arg(long, value_name = "UUID", requires = "disk", conflicts_with_all = ["sr", "name"])]
+    pub into_vdi: Option<String>,
+
+    /// Repositories: chunks fetched at once per disk.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: u16,
+
+    /// A repository's password: first line of this file (chmod 600).
+    #[arg(long, value_name = "FILE", conflicts_with = "password_env")]
+    pub password_file: Option<PathBuf>,
+
+    /// A repository's password: this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub password_env: Option<String>,
 }
 
 /// Connects to the pool to restore into: `--pool`, else the job's first
@@ -200,21 +217,59 @@ async fn interruptible<T>(
 
 /// Runs `xenvault restore`.
 pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let config = load_config(args.config.as_deref())?;
-    let target = target_dir(args.target.as_ref(), args.job.as_deref(), Some(&config))?;
+    let wanted = BackupsWanted {
+        job: args.job.as_deref(),
+        target: args.target.as_deref(),
+        repo: args.repo.as_deref(),
+        password_file: args.password_file.as_deref(),
+        password_env: args.password_env.as_deref(),
+    };
+    let config = if wanted.needs_config() || args.to_file.is_none() || args.config.is_some() {
+        Some(load_config(args.config.as_deref())?)
+    } else {
+        None
+    };
     let disk: Option<DiskSelector> = args
         .disk
         .as_deref()
         .map(str::parse)
         .transpose()
         .map_err(UsageError)?;
+    match locate(wanted, config.as_ref())? {
+        Backups::Repository(chosen) => {
+            restore_repository(&args, &chosen, config.as_ref(), disk, json).await
+        }
+        Backups::Archive(target) => {
+            if args.to_file.is_some() || args.into_vdi.is_some() {
+                return Err(UsageError(format!(
+                    "--to-file and --into-vdi restore from repositories; {} is an archive (its files are already plain XVA/VHD/raw files)",
+                    target.display()
+                ))
+                .into());
+            }
+            let config = config.ok_or_else(|| {
+                UsageError("restoring into a pool needs the configuration".into())
+            })?;
+            restore_archive(&args, &config, target, disk, json).await
+        }
+    }
+}
+
+/// Restores from an archive directory into a pool.
+async fn restore_archive(
+    args: &RestoreArgs,
+    config: &Config,
+    target: PathBuf,
+    disk: Option<DiskSelector>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let point = {
         let (target, vm, at) = (target.clone(), args.vm.clone(), args.at.clone());
         tokio::task::spawn_blocking(move || find_point(&target, &vm, at.as_deref()))
             .await?
             .map_err(failure)?
     };
-    let pool = connect(&args, &config).await?;
+    let pool = connect(args, config).await?;
     if !json {
         eprintln!(
             "Restoring {} from {} ({}) into {}",
@@ -242,21 +297,7 @@ pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<ExitCode> {
                 &options.cancel,
             )
             .await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&restored)?);
-            } else {
-                eprintln!();
-                println!(
-                    "Restored disk {} ({} MiB, {}) as VDI {} \"{}\" on SR {} in {:.1} s",
-                    restored.userdevice.as_deref().unwrap_or("?"),
-                    restored.virtual_size >> 20,
-                    restored.source,
-                    restored.vdi_uuid,
-                    restored.name,
-                    restored.sr_uuid,
-                    restored.seconds
-                );
-            }
+            print_disk(&restored, json)?;
             ExitCode::Success
         }
         None => {
@@ -278,48 +319,226 @@ pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<ExitCode> {
                 &options.cancel,
             )
             .await?;
+            print_vm(&restored, json)?;
+            if restored.start_error.is_some() {
+                ExitCode::Partial
+            } else {
+                ExitCode::Success
+            }
+        }
+    };
+    let _ = pool.session.logout().await;
+    Ok(outcome)
+}
+
+fn print_disk(restored: &RestoredDisk, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(restored)?);
+    } else {
+        eprintln!();
+        println!(
+            "Restored disk {} ({} MiB, {}) as VDI {} \"{}\" on SR {} in {:.1} s",
+            restored.userdevice.as_deref().unwrap_or("?"),
+            restored.virtual_size >> 20,
+            restored.source,
+            restored.vdi_uuid,
+            restored.name,
+            restored.sr_uuid,
+            restored.seconds
+        );
+    }
+    Ok(())
+}
+
+fn print_vm(restored: &RestoredVm, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(restored)?);
+    } else {
+        eprintln!();
+        println!(
+            "Restored VM {} as {} \"{}\" on SR {} ({} disk{}, {} MiB sent, {:.1} s){}",
+            restored.source,
+            restored.uuid,
+            restored.name,
+            restored.sr_uuid,
+            restored.disks.len(),
+            if restored.disks.len() == 1 { "" } else { "s" },
+            restored.bytes >> 20,
+            restored.seconds,
+            if restored.preserved_identity {
+                " with its original identity"
+            } else {
+                ""
+            }
+        );
+        for d in &restored.disks {
+            println!(
+                "  disk {}: VDI {} \"{}\" ({} MiB)",
+                d.userdevice,
+                d.vdi_uuid,
+                d.name,
+                d.virtual_size >> 20
+            );
+        }
+        if !restored.networks_created.is_empty() {
+            println!(
+                "  networks missing on this pool, created by XAPI: {}",
+                restored.networks_created.join(", ")
+            );
+        }
+        if restored.started {
+            println!("  started");
+        }
+        if let Some(e) = &restored.start_error {
+            println!("  NOT started: {e} (the VM is restored, halted)");
+        }
+    }
+    Ok(())
+}
+
+/// Restores from a repository: to a file, into an existing VDI, one disk
+/// into a new VDI, or the whole VM.
+async fn restore_repository(
+    args: &RestoreArgs,
+    chosen: &Chosen,
+    config: Option<&Config>,
+    disk: Option<DiskSelector>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = crate::repo::open(chosen).await?;
+    let manifest = find_repo_point(&repo, &args.vm, args.at.as_deref())
+        .await
+        .map_err(failure)?;
+    let parallel = usize::from(args.parallel);
+    let progress = progress_printer(!json);
+    if let Some(path) = &args.to_file {
+        let format = args.format.unwrap_or_else(|| {
+            match path
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::parse::<FileFormat>)
+            {
+                Some(Ok(f)) => f,
+                _ if disk.is_some() => FileFormat::Raw,
+                _ => FileFormat::Xva,
+            }
+        });
+        if format != FileFormat::Xva && disk.is_none() {
+            return Err(UsageError(format!(
+                "a {} file holds one disk: choose it with --disk (position, VDI uuid or key), or write the whole VM as --format xva",
+                if format == FileFormat::Raw { "raw" } else { "VHD" }
+            ))
+            .into());
+        }
+        let mut options = FileRestoreOptions::new(path, format);
+        options.disk = disk;
+        options.overwrite = args.overwrite;
+        options.parallel = parallel;
+        if !json {
+            eprintln!("Restoring {} to {}", manifest.name(), path.display());
+        }
+        let restored = interruptible(
+            restore_repo_to_file(&repo, &manifest, &options, progress),
+            &options.cancel,
+        )
+        .await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&restored)?);
+        } else {
+            eprintln!();
+            println!(
+                "Restored {}{} to {} ({}, {} MiB of disk data, {} MiB file) in {:.1} s",
+                restored.source,
+                restored
+                    .disk_key
+                    .as_deref()
+                    .map(|k| format!(" disk {k}"))
+                    .unwrap_or_default(),
+                restored.path,
+                format!("{:?}", restored.format).to_lowercase(),
+                restored.size >> 20,
+                restored.bytes >> 20,
+                restored.seconds
+            );
+        }
+        return Ok(ExitCode::Success);
+    }
+    let config =
+        config.ok_or_else(|| UsageError("restoring into a pool needs the configuration".into()))?;
+    let pool = connect(args, config).await?;
+    if !json {
+        eprintln!(
+            "Restoring {} of {} from {} into {}",
+            match &disk {
+                Some(d) => format!("disk at {d}"),
+                None => "VM".to_string(),
+            },
+            manifest.vm_name,
+            manifest.name(),
+            pool.session.base_url()
+        );
+    }
+    let outcome = match (disk, &args.into_vdi) {
+        (Some(disk), Some(vdi)) => {
+            let mut options = IntoVdiOptions::new(disk, vdi.clone());
+            options.parallel = parallel;
+            let done = interruptible(
+                restore_repo_disk_into(&pool, &repo, &manifest, &options, progress),
+                &options.cancel,
+            )
+            .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&restored)?);
+                println!("{}", serde_json::to_string_pretty(&done)?);
             } else {
                 eprintln!();
                 println!(
-                    "Restored VM {} as {} \"{}\" on SR {} ({} disk{}, {} MiB sent, {:.1} s){}",
-                    restored.source,
-                    restored.uuid,
-                    restored.name,
-                    restored.sr_uuid,
-                    restored.disks.len(),
-                    if restored.disks.len() == 1 { "" } else { "s" },
-                    restored.bytes >> 20,
-                    restored.seconds,
-                    if restored.preserved_identity {
-                        " with its original identity"
-                    } else {
-                        ""
-                    }
+                    "Wrote disk {} of {} into VDI {} \"{}\": {} of {} chunks differed and were written ({} MiB sent; read by {}) in {:.1} s",
+                    done.disk_key,
+                    done.source,
+                    done.vdi_uuid,
+                    done.name,
+                    done.chunks_written,
+                    done.chunks_compared,
+                    done.bytes_sent >> 20,
+                    done.read_method,
+                    done.seconds
                 );
-                for d in &restored.disks {
-                    println!(
-                        "  disk {}: VDI {} \"{}\" ({} MiB)",
-                        d.userdevice,
-                        d.vdi_uuid,
-                        d.name,
-                        d.virtual_size >> 20
-                    );
-                }
-                if !restored.networks_created.is_empty() {
-                    println!(
-                        "  networks missing on this pool, created by XAPI: {}",
-                        restored.networks_created.join(", ")
-                    );
-                }
-                if restored.started {
-                    println!("  started");
-                }
-                if let Some(e) = &restored.start_error {
-                    println!("  NOT started: {e} (the VM is restored, halted)");
-                }
             }
+            ExitCode::Success
+        }
+        (Some(disk), None) => {
+            let mut options = RepoDiskRestoreOptions::new(disk);
+            options.sr = args.sr.clone();
+            options.name = args.name.clone();
+            options.parallel = parallel;
+            let restored = interruptible(
+                restore_repo_disk(&pool, &repo, &manifest, &options, progress),
+                &options.cancel,
+            )
+            .await?;
+            print_disk(&restored, json)?;
+            ExitCode::Success
+        }
+        (None, _) => {
+            let options = RepoVmRestoreOptions {
+                sr: args.sr.clone(),
+                identity: if args.preserve_identity {
+                    VmIdentity::Preserve { force: args.force }
+                } else {
+                    VmIdentity::New {
+                        name: args.name.clone(),
+                    }
+                },
+                start: args.start,
+                parallel,
+                ..RepoVmRestoreOptions::default()
+            };
+            let restored = interruptible(
+                restore_repo_vm(&pool, &repo, &manifest, &options, progress),
+                &options.cancel,
+            )
+            .await?;
+            print_vm(&restored, json)?;
             if restored.start_error.is_some() {
                 ExitCode::Partial
             } else {

@@ -12,6 +12,7 @@
 //! [`crate::sink`]).
 
 pub mod extra;
+pub mod repo;
 pub(crate) mod stream;
 
 use std::collections::BTreeMap;
@@ -59,6 +60,12 @@ pub enum Step {
     SnapshotDestroy,
     /// Destroying the snapshot's VDIs.
     VdiDestroy,
+    /// Opening or starting a restore point in the repository.
+    Repository,
+    /// Reading a disk (NBD or VHD export) into the repository.
+    DiskRead,
+    /// Committing the restore point (its manifest).
+    Commit,
 }
 
 impl Step {
@@ -74,6 +81,9 @@ impl Step {
             Step::Write => "writing to the target",
             Step::SnapshotDestroy => "snapshot destroy",
             Step::VdiDestroy => "snapshot VDI destroy",
+            Step::Repository => "repository",
+            Step::DiskRead => "disk read",
+            Step::Commit => "restore point commit",
         }
     }
 }
@@ -352,7 +362,7 @@ async fn run_vm(
 }
 
 /// The VDIs of the live VM's disks other than the boot disk.
-async fn non_boot_vdis(session: &Session, vm: &Value) -> Result<Vec<VdiRef>, String> {
+pub(crate) async fn non_boot_vdis(session: &Session, vm: &Value) -> Result<Vec<VdiRef>, String> {
     let mut disks = Vec::new();
     for vbd_ref in str_list(vm, "VBDs") {
         let vbd = session
@@ -400,7 +410,7 @@ pub fn boot_index(disks: &[(bool, String)]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-fn keep_boot_disk(disks: &mut Vec<DiskMeta>) {
+pub(crate) fn keep_boot_disk(disks: &mut Vec<DiskMeta>) {
     let keys: Vec<(bool, String)> = disks
         .iter()
         .map(|d| (d.bootable, d.userdevice.clone()))

@@ -10,6 +10,7 @@
 
 pub mod edit;
 pub mod naubackup;
+pub mod repo;
 pub mod secrets;
 pub mod spans;
 pub mod weekday;
@@ -543,10 +544,9 @@ impl Checker<'_> {
     }
 
     fn check_target(&self, name: &str, target: &mut TargetConfig) -> Result<(), ConfigError> {
-        match target.kind {
-            TargetKind::Archive => {}
-            // Checked in full by the repository loader work (issue 4).
-            TargetKind::Repository => {}
+        self.check_target_kind(name, target)?;
+        if target.kind == TargetKind::Repository {
+            return Ok(());
         }
         if target.path.as_os_str().is_empty() {
             return Err(self.err(
@@ -861,10 +861,7 @@ impl Checker<'_> {
 
         // Export and limits.
         self.check_mode(job.mode, job.disks, job.compression, &["jobs", name])?;
-        self.check_keep(
-            job.retention.keep_last,
-            &["jobs", name, "retention", "keep-last"],
-        )?;
+        self.check_job_repository(name, job, targets.get(&job.target))?;
         if let Some(m) = &job.pool_metadata {
             self.check_keep(m.keep_last, &["jobs", name, "pool-metadata", "keep-last"])?;
         }

@@ -10,6 +10,7 @@ use time::macros::format_description;
 use xenvault_types::report::{ItemKind, ItemReport, RunReport, VmReport};
 
 use crate::archive::layout::{LOGS_DIR, format_timestamp, parse_timestamp, sanitize_name};
+use crate::preflight::human_bytes;
 
 /// Logs older than this many days are removed by default (Sady-XenBackup's 15).
 pub const DEFAULT_LOG_RETENTION_DAYS: u32 = 15;
@@ -234,6 +235,34 @@ pub fn render_text(report: &RunReport) -> String {
         let _ = writeln!(out, "  cleanup:  {}", vm.cleanup.describe());
         if let Some(loc) = &vm.location {
             let _ = writeln!(out, "  stored:   {loc}");
+        }
+        if let Some(r) = &vm.repository {
+            let _ = writeln!(
+                out,
+                "  repository: read {} from the pool, stored {}: {} new chunk(s), {} deduplicated",
+                human_bytes(r.bytes_read),
+                human_bytes(r.bytes_stored),
+                r.new_chunks,
+                r.dedup_chunks
+            );
+            for d in &r.disks {
+                let _ = writeln!(
+                    out,
+                    "  disk {} ({}): {}{}, read {}, stored {}, {} new / {} dedup / {} zero chunk(s)",
+                    d.userdevice,
+                    d.key,
+                    d.method,
+                    if d.incremental { " (incremental)" } else { "" },
+                    human_bytes(d.bytes_read),
+                    human_bytes(d.bytes_stored),
+                    d.new_chunks,
+                    d.dedup_chunks,
+                    d.zero_chunks
+                );
+                if let Some(reason) = &d.reason {
+                    let _ = writeln!(out, "    why {}: {reason}", d.method);
+                }
+            }
         }
         for p in &vm.pruned {
             let _ = writeln!(out, "  removed old backup: {p}");

@@ -423,29 +423,15 @@ pub async fn restore_disk(
         super::vm::default_name(&base, &point.timestamp)
     });
     let session = &pool.session;
-    let mut other_config = xenvault_xapi::records::StringMap::new();
-    other_config.insert(RESTORED_FROM_KEY.to_string(), point.label());
-    let create = VdiCreate {
-        name_label: name.clone(),
-        name_description: format!("Restored by xenvault from {}", point.label()),
-        sr: sr_ref.clone(),
-        virtual_size: i64::try_from(entry.virtual_size).map_err(|_| RestoreError::Decode {
-            file: point.dir.clone(),
-            problem: format!("disk size {} is too large", entry.virtual_size),
-        })?,
-        type_: VdiType::User,
-        sharable: false,
-        read_only: false,
-        other_config,
-        xenstore_data: Default::default(),
-        sm_config: Default::default(),
-        tags: Vec::new(),
-    };
-    let vdi_ref = session
-        .vdi()
-        .create(&create)
-        .await
-        .map_err(|e| RestoreError::xapi(format!("cannot create a VDI on SR {}", sr.uuid), e))?;
+    let vdi_ref = create_vdi(
+        pool,
+        &sr_ref,
+        &sr.uuid,
+        &name,
+        &point.label(),
+        entry.virtual_size,
+    )
+    .await?;
     // Dropped before the end (the caller gave up, e.g. Ctrl-C): the VDI is
     // removed in the background.
     let mut guard = VdiGuard {
@@ -514,10 +500,45 @@ pub async fn restore_disk(
     })
 }
 
+/// Creates the VDI a disk is restored into: on SR `sr_ref`, named `name`,
+/// tagged with the restore point `label`, of `size` bytes.
+pub(crate) async fn create_vdi(
+    pool: &PoolConnection,
+    sr_ref: &xenvault_xapi::records::SrRef,
+    sr_uuid: &str,
+    name: &str,
+    label: &str,
+    size: u64,
+) -> Result<VdiRef, RestoreError> {
+    let mut other_config = xenvault_xapi::records::StringMap::new();
+    other_config.insert(RESTORED_FROM_KEY.to_string(), label.to_string());
+    let create = VdiCreate {
+        name_label: name.to_string(),
+        name_description: format!("Restored by xenvault from {label}"),
+        sr: sr_ref.clone(),
+        virtual_size: i64::try_from(size).map_err(|_| RestoreError::Decode {
+            file: label.into(),
+            problem: format!("disk size {size} is too large"),
+        })?,
+        type_: VdiType::User,
+        sharable: false,
+        read_only: false,
+        other_config,
+        xenstore_data: Default::default(),
+        sm_config: Default::default(),
+        tags: Vec::new(),
+    };
+    pool.session
+        .vdi()
+        .create(&create)
+        .await
+        .map_err(|e| RestoreError::xapi(format!("cannot create a VDI on SR {sr_uuid}"), e))
+}
+
 /// Destroys a VDI in the background when dropped armed.
-struct VdiGuard {
-    pool: PoolConnection,
-    vdi: Option<VdiRef>,
+pub(crate) struct VdiGuard {
+    pub(crate) pool: PoolConnection,
+    pub(crate) vdi: Option<VdiRef>,
 }
 
 impl Drop for VdiGuard {

@@ -50,6 +50,10 @@ pub enum RestoreError {
         /// Its current name.
         name: String,
     },
+    /// The VDI chosen to be written into cannot be: attached to a running
+    /// VM, read-only, smaller than the disk, or missing.
+    #[error("{0}")]
+    BadTarget(String),
     /// The chosen SR does not exist (or is not usable for disks).
     #[error("SR {0}")]
     BadSr(String),
@@ -79,6 +83,16 @@ pub enum RestoreError {
         /// What is wrong.
         problem: String,
     },
+    /// The repository failed: a damaged or missing object (named in the
+    /// source), a wrong password, a storage error.
+    #[error("{what}: {source}")]
+    Repo {
+        /// What was being done.
+        what: String,
+        /// The repository's error (names the object at fault).
+        #[source]
+        source: Box<xenvault_repo::RepoError>,
+    },
     /// The restore was cancelled ([`super::Cancel`]); what it created was
     /// removed.
     #[error("the restore was cancelled; what it had created was removed")]
@@ -103,6 +117,14 @@ impl RestoreError {
         }
     }
 
+    /// Wraps a repository error with what was being done.
+    pub fn repo(what: impl Into<String>, source: xenvault_repo::RepoError) -> RestoreError {
+        RestoreError::Repo {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+
     /// Wraps an I/O error with the path.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> RestoreError {
         RestoreError::Io {
@@ -119,6 +141,14 @@ impl RestoreError {
                 | RestoreError::Unusable { .. }
                 | RestoreError::NotFound(_)
                 | RestoreError::Decode { .. }
+        ) || matches!(
+            self,
+            RestoreError::Repo { source, .. } if matches!(
+                **source,
+                xenvault_repo::RepoError::Corrupt { .. }
+                    | xenvault_repo::RepoError::Tampered { .. }
+                    | xenvault_repo::RepoError::NotFound(_)
+            )
         )
     }
 }

@@ -16,6 +16,8 @@
 //!   point, built from `vm.json` and the disk files; [`disk`]: one disk into
 //!   a new VDI.
 //! - [`list`]: restore points per VM, for `xenvault list`.
+//! - [`repo`]: every restore from the deduplicating repository (VM, disk,
+//!   into an existing VDI, to a file) and its listing.
 
 pub mod connect;
 pub mod content;
@@ -24,6 +26,7 @@ mod error;
 pub mod list;
 pub mod point;
 pub mod rebuild;
+pub mod repo;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod verify;

@@ -115,7 +115,7 @@ pub struct RestoredVm {
 }
 
 /// The VM of an `ova.xml`: (uuid, name).
-fn ova_vm(ova: &OvaXml) -> Option<(String, String)> {
+pub(crate) fn ova_vm(ova: &OvaXml) -> Option<(String, String)> {
     ova.objects_of_class("VM")
         .find(|o| {
             o.snapshot
@@ -180,28 +180,13 @@ pub async fn restore_vm(
 
     // 2. The pool side: SR, identity clash.
     let (sr_ref, sr) = pool.choose_sr(options.sr.as_deref()).await?;
-    let session = &pool.session;
     let preserve = matches!(options.identity, VmIdentity::Preserve { .. });
     // The archive holds a snapshot's export: its uuid and name are the
     // snapshot's. The original VM's come from the restore point.
     let original_name = point.vm_name.clone();
     let original_uuid = point.vm_uuid.clone();
-    if let (VmIdentity::Preserve { force }, Some(uuid)) = (&options.identity, &original_uuid)
-        && let Ok(existing) = session.vm().get_by_uuid(uuid).await
-    {
-        let name = session
-            .vm()
-            .get_record(&existing)
-            .await
-            .map(|r| r.name_label)
-            .unwrap_or_default();
-        if !force {
-            return Err(RestoreError::OriginalExists {
-                uuid: uuid.clone(),
-                name,
-            });
-        }
-        tracing::warn!(vm = %uuid, "--force: XAPI replaces the existing VM record");
+    if let Some(uuid) = &original_uuid {
+        check_identity(pool, &options.identity, uuid).await?;
     }
     let name = match &options.identity {
         VmIdentity::New { name: Some(n) } => n.clone(),
@@ -256,7 +241,7 @@ pub async fn restore_vm(
     let original_uuid = original_uuid.unwrap_or(archived_uuid);
     let networks_created = missing_networks(pool, &ova).await?;
 
-    // 3. The upload, inside a task.
+    // 3.-5. The upload and what follows.
     let what = format!(
         "import of {} into SR {} ({})",
         match &source {
@@ -265,22 +250,6 @@ pub async fn restore_vm(
         },
         sr.uuid,
         sr.name_label
-    );
-    let task = session
-        .create_task(&format!("xenvault restore {}", point.label()), "")
-        .await
-        .map_err(|e| RestoreError::xapi("cannot create the import task", e))?;
-    let task_id = task.id().to_string();
-    let mut params = vec![("sr_id", sr_ref.as_str())];
-    if preserve {
-        params.push(("restore", "true"));
-    }
-    let url = handler_url(
-        &session.base_url(),
-        "/import",
-        session.session_ref().expose(),
-        Some(task.id()),
-        &params,
     );
     let body = match source {
         Source::Xva(xva, content_len, rewrite) => rewritten_xva_stream(
@@ -299,13 +268,128 @@ pub async fn restore_vm(
         )
         .boxed(),
     };
+    let mut restored = import_xva(
+        pool,
+        XvaImport {
+            label: point.label(),
+            what,
+            sr_ref,
+            sr,
+            preserve,
+            name,
+            body,
+            upload_len,
+            start: options.start,
+            cancel: options.cancel.clone(),
+        },
+        progress,
+    )
+    .await?;
+    restored.source_dir = point.dir.display().to_string();
+    restored.original_uuid = original_uuid;
+    restored.networks_created = networks_created;
+    restored.verified = verified.checked;
+    restored.seconds = started_at.elapsed().as_secs_f64();
+    Ok(restored)
+}
+
+/// Refuses to restore with the identity of VM `uuid` while it exists,
+/// unless forced.
+pub(crate) async fn check_identity(
+    pool: &PoolConnection,
+    identity: &VmIdentity,
+    uuid: &str,
+) -> Result<(), RestoreError> {
+    let session = &pool.session;
+    if let VmIdentity::Preserve { force } = identity
+        && let Ok(existing) = session.vm().get_by_uuid(uuid).await
+    {
+        let name = session
+            .vm()
+            .get_record(&existing)
+            .await
+            .map(|r| r.name_label)
+            .unwrap_or_default();
+        if !force {
+            return Err(RestoreError::OriginalExists {
+                uuid: uuid.to_string(),
+                name,
+            });
+        }
+        tracing::warn!(vm = %uuid, "--force: XAPI replaces the existing VM record");
+    }
+    Ok(())
+}
+
+/// An XVA to send to `PUT /import`, and what to do with the VM it makes.
+pub(crate) struct XvaImport {
+    /// The restore point (`<vm>/<time>`): task name and tag.
+    pub label: String,
+    /// What is imported, for errors.
+    pub what: String,
+    /// The SR.
+    pub sr_ref: xenvault_xapi::records::SrRef,
+    /// Its record.
+    pub sr: xenvault_xapi::records::Sr,
+    /// `restore=true` (original uuid and MACs).
+    pub preserve: bool,
+    /// The VM's name.
+    pub name: String,
+    /// The XVA, exactly `upload_len` bytes.
+    pub body: futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+    /// Its length.
+    pub upload_len: u64,
+    /// Start the VM afterwards.
+    pub start: bool,
+    /// Stops the import.
+    pub cancel: Cancel,
+}
+
+/// Sends an XVA to `PUT /import` inside a task, then names, tags and
+/// optionally starts the VM; a failure removes what the import made.
+/// `source_dir`, `original_uuid`, `networks_created`, `verified` and
+/// `seconds` of the result are left for the caller.
+pub(crate) async fn import_xva(
+    pool: &PoolConnection,
+    import: XvaImport,
+    progress: ProgressFn,
+) -> Result<RestoredVm, RestoreError> {
+    let session = &pool.session;
+    let XvaImport {
+        label,
+        what,
+        sr_ref,
+        sr,
+        preserve,
+        name,
+        body,
+        upload_len,
+        start,
+        cancel,
+    } = import;
+    let task = session
+        .create_task(&format!("xenvault restore {label}"), "")
+        .await
+        .map_err(|e| RestoreError::xapi("cannot create the import task", e))?;
+    let task_id = task.id().to_string();
+    let mut params = vec![("sr_id", sr_ref.as_str())];
+    if preserve {
+        params.push(("restore", "true"));
+    }
+    let url = handler_url(
+        &session.base_url(),
+        "/import",
+        session.session_ref().expose(),
+        Some(task.id()),
+        &params,
+    );
     let sent = pool.transfer.put(url, body, upload_len).await;
     progress(RestoreProgress {
         phase: RestorePhase::Finishing,
         done: upload_len,
         total: upload_len,
     });
-    let record = match settle_transfer(task, sent, &what, &options.cancel).await {
+    let record = match settle_transfer(task, sent, &what, &cancel).await {
         Ok(r) => r,
         Err(e) => {
             // XAPI removes what a failed import made; check it did.
@@ -320,7 +404,7 @@ pub async fn restore_vm(
     };
     let vms: Vec<VmRef> = xenvault_xapi::task::parse_task_result(&what, &record.result)
         .map_err(|e| RestoreError::xapi(&what, e))?;
-    if options.cancel.is_cancelled() {
+    if cancel.is_cancelled() {
         // Cancelled too late for XAPI to stop: remove what it made.
         let mut leftovers = Vec::new();
         for vm in &vms {
@@ -338,13 +422,13 @@ pub async fn restore_vm(
         });
     }
 
-    // 4. Name, tag, describe; anything failing here removes what was made.
+    // Name, tag, describe; anything failing here removes what was made.
     progress(RestoreProgress {
         phase: RestorePhase::Configuring,
         done: 0,
         total: 0,
     });
-    let configured = configure(pool, point, &vms, &name).await;
+    let configured = configure(pool, &label, &vms, &name).await;
     let (vm_ref, mut restored) = match configured {
         Ok(v) => v,
         Err(e) => {
@@ -364,30 +448,25 @@ pub async fn restore_vm(
             });
         }
     };
-    restored.source = point.label();
-    restored.source_dir = point.dir.display().to_string();
-    restored.original_uuid = original_uuid;
+    restored.source = label;
     restored.preserved_identity = preserve;
     restored.sr_uuid = sr.uuid.clone();
-    restored.networks_created = networks_created;
     restored.bytes = upload_len;
-    restored.verified = verified.checked;
 
-    // 5. Start: a failure keeps the restored VM (halted) and is reported.
-    if options.start {
+    // Start: a failure keeps the restored VM (halted) and is reported.
+    if start {
         match session.vm().start(&vm_ref, false, false).await {
             Ok(()) => restored.started = true,
             Err(e) => restored.start_error = Some(e.to_string()),
         }
     }
-    restored.seconds = started_at.elapsed().as_secs_f64();
     Ok(restored)
 }
 
 /// Renames and tags the imported VM; returns it and its description.
 async fn configure(
     pool: &PoolConnection,
-    point: &ArchivePoint,
+    label: &str,
     vms: &[VmRef],
     name: &str,
 ) -> Result<(VmRef, RestoredVm), RestoreError> {
@@ -405,7 +484,7 @@ async fn configure(
         }
     }
     let (vm_ref, rec) = main.ok_or_else(|| RestoreError::Unusable {
-        dir: point.dir.clone(),
+        dir: label.into(),
         reason: format!("the import created no VM (task result: {} refs)", vms.len()),
     })?;
     let name = name.to_string();
@@ -426,7 +505,7 @@ async fn configure(
     }
     session
         .vm()
-        .put_other_config(&vm_ref, RESTORED_FROM_KEY, &point.label())
+        .put_other_config(&vm_ref, RESTORED_FROM_KEY, label)
         .await
         .map_err(|e| RestoreError::xapi("cannot tag the restored VM", e))?;
     let mut disks = Vec::new();
@@ -476,7 +555,7 @@ async fn configure(
 
 /// The `ova.xml` edits of a restore: the VM's name (and uuid when given),
 /// not a template or snapshot; no `xenvault:*` tags on any object.
-fn edit_ova(ova: &mut OvaXml, name: &str, uuid: Option<&str>) {
+pub(crate) fn edit_ova(ova: &mut OvaXml, name: &str, uuid: Option<&str>) {
     let main_id = ova
         .objects_of_class("VM")
         .find(|o| {
@@ -511,7 +590,7 @@ pub fn default_name(original: &str, timestamp: &str) -> String {
 
 /// Networks of the archive that the pool lacks, matched as XAPI's import
 /// does: by `name_label`, then by `bridge` (xen-api `import.ml`, `Net`).
-async fn missing_networks(
+pub(crate) async fn missing_networks(
     pool: &PoolConnection,
     ova: &OvaXml,
 ) -> Result<Vec<String>, RestoreError> {

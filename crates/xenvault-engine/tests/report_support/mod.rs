@@ -29,6 +29,7 @@ pub fn sample_report() -> RunReport {
         location: Some("/mnt/backup/web-01/20261122-010005".into()),
         pruned: vec!["/mnt/backup/web-01/20261119-010004".into()],
         notes: vec![],
+        repository: None,
     });
     r.vms.push(VmReport {
         name: "db-02".into(),
@@ -44,6 +45,7 @@ pub fn sample_report() -> RunReport {
         location: None,
         pruned: vec![],
         notes: vec![],
+        repository: None,
     });
     r.vms.push(VmReport::skipped(
         "big-03",

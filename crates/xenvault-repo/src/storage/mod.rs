@@ -2,19 +2,30 @@
 //!
 //! A repository is a flat set of immutable objects named by `/`-separated keys
 //! (`chunks/ab/ab12…`, `manifests/<vm>/<id>`). Every backend (local directory,
-//! memory; S3 and SFTP later over OpenDAL) implements [`Storage`]; behaviour such as
+//! memory, S3 through OpenDAL, SFTP) implements [`Storage`]; behaviour such as
 //! retries is stacked as decorators ([`Retrying`]) over a backend.
+//! [`open_target`] opens the backend a configured target names, and
+//! [`conformance`] checks that a backend keeps the trait's promises
+//! (`docs/backends.md`, ADR 0006).
 //!
 //! Errors are data ([`StorageErrorKind`]): callers decide from the kind whether a
 //! retry makes sense (`Transient`) or the object simply is not there (`NotFound`).
 
+mod conformance;
 mod local;
 mod memory;
 mod retry;
+mod s3;
+mod sftp;
+mod target;
 
+pub use conformance::{ConformanceFailure, ConformanceOptions, run_conformance};
 pub use local::LocalStorage;
 pub use memory::{Fault, MemoryStorage};
 pub use retry::{RetryPolicy, Retrying};
+pub use s3::{PutIfAbsentStrategy, S3Options, S3Storage};
+pub use sftp::{SftpOptions, SftpStorage};
+pub use target::{TargetUrl, open_target, parse_target_url, s3_options};
 
 use std::future::Future;
 use std::pin::Pin;
