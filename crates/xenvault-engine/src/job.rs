@@ -195,6 +195,11 @@ pub async fn transfer_for(
     pool: Option<&PoolConfig>,
     options: &TransferOptions,
 ) -> HttpTransfer {
+    let mut options = options.clone();
+    if options.redirect_hosts.is_none() {
+        options.redirect_hosts = Some(pool_host_addresses(session).await);
+    }
+    let options = &options;
     let fallback = || HttpTransfer::with_client(session.http_client(), options.clone());
     let Some(pool) = pool else {
         return fallback();
@@ -237,6 +242,21 @@ pub async fn transfer_for(
         Err(e) => {
             tracing::warn!("pool {}: {e}", pool.name);
             fallback()
+        }
+    }
+}
+
+/// The management addresses of the pool's hosts: the only hosts an HTTP
+/// redirect may lead to (it carries the session id). Empty when they cannot
+/// be listed (then only the coordinator's own host is followed).
+pub async fn pool_host_addresses(session: &Session) -> Vec<String> {
+    match session.host().get_all_records().await {
+        Ok(hosts) => hosts.into_values().map(|h| h.address).collect(),
+        Err(e) => {
+            tracing::warn!(
+                "cannot list the pool's hosts ({e}); HTTP redirects to other hosts will be refused"
+            );
+            Vec::new()
         }
     }
 }

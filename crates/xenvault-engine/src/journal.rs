@@ -1197,8 +1197,9 @@ pub async fn release_kept(
     destroy_token(session, journal, &kept.token).await
 }
 
-/// `base = "metadata"`: destroys the kept snapshot's VM (tag-checked), then
-/// reduces each of its VDIs to CBT metadata with `VDI.data_destroy`
+/// `base = "metadata"`: checks that every VDI of the kept snapshot carries
+/// its token tag (nothing is changed otherwise), destroys the snapshot VM
+/// (tag-checked), then reduces each VDI to CBT metadata with `VDI.data_destroy`
 /// (retried on `VDI_IN_USE`: xapi waits only 4 s for VBDs, including the
 /// dom0 VBDs of NBD connections, to go; docs/xapi-notes.md "CBT metadata
 /// bases"), then appends [`Event::DataDestroyed`]. VDIs whose token tag does
@@ -1209,6 +1210,27 @@ pub async fn reduce_to_metadata(
     kept: &KeptSnapshot,
 ) -> Result<Vec<String>, String> {
     let token = &kept.token.token;
+    // 1. Every VDI must be ours before anything is changed.
+    let mut vdis: Vec<(String, VdiRef, bool)> = Vec::new();
+    for uuid in &kept.token.vdis {
+        let vdi_ref = match session.vdi().get_by_uuid(uuid).await {
+            Ok(r) => r,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(format!("find VDI {uuid}: {e}")),
+        };
+        let vdi = session
+            .vdi()
+            .get_record(&vdi_ref)
+            .await
+            .map_err(|e| format!("read VDI {uuid}: {e}"))?;
+        if !vdi.is_a_snapshot || vdi.other_config.get(TAG_TOKEN) != Some(token) {
+            return Err(format!(
+                "VDI {uuid} is not a snapshot VDI tagged {token}; left alone"
+            ));
+        }
+        vdis.push((uuid.clone(), vdi_ref, vdi.type_ == VdiType::CbtMetadata));
+    }
+    // 2. The snapshot VM (data_destroy needs its VBDs gone).
     if let Some(uuid) = &kept.token.snapshot {
         match session.vm().get_by_uuid(uuid).await {
             Ok(vm_ref) => {
@@ -1232,42 +1254,26 @@ pub async fn reduce_to_metadata(
             Err(e) => return Err(format!("find snapshot {uuid}: {e}")),
         }
     }
+    // 3. The VDIs.
     let mut reduced = Vec::new();
-    for uuid in &kept.token.vdis {
-        let vdi_ref = match session.vdi().get_by_uuid(uuid).await {
-            Ok(r) => r,
-            Err(e) if is_gone(&e) => continue,
-            Err(e) => return Err(format!("find VDI {uuid}: {e}")),
-        };
-        let vdi = session
-            .vdi()
-            .get_record(&vdi_ref)
-            .await
-            .map_err(|e| format!("read VDI {uuid}: {e}"))?;
-        if !vdi.is_a_snapshot || vdi.other_config.get(TAG_TOKEN) != Some(token) {
-            return Err(format!(
-                "VDI {uuid} is not a snapshot VDI tagged {token}; left alone"
-            ));
-        }
-        if vdi.type_ == VdiType::CbtMetadata {
-            reduced.push(uuid.clone());
-            continue;
-        }
-        let mut attempt = 0;
-        loop {
-            match session.vdi().data_destroy(&vdi_ref).await {
-                Ok(()) => break,
-                Err(e) if e.is_code(&ErrorCode::VdiInUse) && attempt < VDI_IN_USE_RETRIES => {
-                    attempt += 1;
-                    tracing::info!(
-                        "VDI {uuid} in use; data_destroy retry {attempt} of {VDI_IN_USE_RETRIES}"
-                    );
-                    tokio::time::sleep(VDI_IN_USE_DELAY).await;
+    for (uuid, vdi_ref, already) in vdis {
+        if !already {
+            let mut attempt = 0;
+            loop {
+                match session.vdi().data_destroy(&vdi_ref).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_code(&ErrorCode::VdiInUse) && attempt < VDI_IN_USE_RETRIES => {
+                        attempt += 1;
+                        tracing::info!(
+                            "VDI {uuid} in use; data_destroy retry {attempt} of {VDI_IN_USE_RETRIES}"
+                        );
+                        tokio::time::sleep(VDI_IN_USE_DELAY).await;
+                    }
+                    Err(e) => return Err(format!("VDI.data_destroy of {uuid}: {e}")),
                 }
-                Err(e) => return Err(format!("VDI.data_destroy of {uuid}: {e}")),
             }
         }
-        reduced.push(uuid.clone());
+        reduced.push(uuid);
     }
     journal
         .append(&Entry {

@@ -41,20 +41,9 @@ fn python_xenapi_available() -> bool {
     ok
 }
 
-fn xapi_sim_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let bin = dir.join("xapi-sim");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "xenvault-sim", "--bin", "xapi-sim"])
-            .status()
-            .expect("run cargo build for xapi-sim");
-        assert!(status.success(), "cannot build xapi-sim");
-    }
-    bin
-}
+#[path = "sim_bin/mod.rs"]
+mod sim_bin;
+use sim_bin::xapi_sim_binary;
 
 /// `xapi-sim serve` in a temporary state directory; killed on drop.
 struct Sim {

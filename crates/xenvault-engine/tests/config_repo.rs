@@ -375,6 +375,19 @@ fn job_settings_on_repository_and_archive_targets() {
         "did you mean `keep-daily`?",
     );
 
+    expect_error(
+        &format!("{repo}{JOB}[jobs.j.pool-metadata]\nkeep-last = 3\n"),
+        9,
+        "jobs.j.pool-metadata",
+        "a repository does not store them",
+    );
+    expect_error(
+        &format!("{repo}{JOB}[jobs.j.host-backup]\n"),
+        9,
+        "jobs.j.host-backup",
+        "archive target",
+    );
+
     // On an archive target: every repository-only key is refused, with the fix.
     let archive = "[targets.r]\npath = \"/x\"\n";
     for (lines, at, key) in [

@@ -514,3 +514,99 @@ async fn faults_at_snapshot_nbd_and_commit_leave_no_restore_point_and_no_snapsho
     assert!(repo.check().await.unwrap().is_clean());
     assert_eq!(temporaries(&s).await, (1, 1));
 }
+
+/// A configuration file as a user writes it for a repository target (the
+/// loader reads the password file).
+fn repo_config_file(sim: &Sim, dir: &Path, job_lines: &str) -> Config {
+    let pw = dir.join("pool.password");
+    std::fs::write(&pw, format!("{}\n", sim.s("password"))).unwrap();
+    let repo_pw = dir.join("repo.password");
+    std::fs::write(&repo_pw, format!("{PASSWORD}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for f in [&pw, &repo_pw] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+    let text = format!(
+        r#"state-dir = "{state}"
+
+[pools.sim]
+url = "{url}"
+user = "{user}"
+password-file = "{pw}"
+fingerprint = "{fp}"
+
+[targets.vault]
+type = "repository"
+path = "{repo}"
+password-file = "{repo_pw}"
+
+[jobs.nightly]
+pool = "sim"
+target = "vault"
+{job_lines}
+"#,
+        state = dir.join("state").display(),
+        url = sim.s("https_url"),
+        user = sim.s("user"),
+        pw = pw.display(),
+        fp = sim.s("fingerprint"),
+        repo = dir.join("repo").display(),
+        repo_pw = repo_pw.display(),
+    );
+    let path = dir.join("xenvault.toml");
+    std::fs::write(&path, text).unwrap();
+    xenvault_engine::config::load(&path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_several_disks_is_read_disk_by_disk_from_a_configured_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+[[vms]]
+name = "multi"
+[[vms.disks]]
+size = "3M"
+written = "30%"
+[[vms.disks]]
+size = "5M"
+written = "10%"
+[[vms.disks]]
+size = "1M"
+written = "0%"
+"#,
+    )
+    .unwrap();
+    let sim = Sim::start(&["--scenario", scenario.to_str().unwrap()]);
+    let repo = init_repo(&dir.path().join("repo"), true).await;
+    let config = repo_config_file(
+        &sim,
+        dir.path(),
+        "all-vms = true\nnbd-connections = 3\ndisk-concurrency = 2\n",
+    );
+    let run = job::run_job(&config, "nightly", RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(run.exit, ExitStatus::Success, "{:#?}", run.report);
+    let vm = &run.report.vms[0];
+    let st = vm.repository.as_ref().unwrap();
+    assert_eq!(st.disks.len(), 3, "{st:?}");
+    assert!(st.disks.iter().all(|d| d.method == "nbd-full"), "{st:?}");
+    let s = session(&sim).await;
+    let ms = manifests(&repo, &vm.uuid).await;
+    assert_eq!(ms.len(), 1);
+    assert_eq!(ms[0].disks.len(), 3);
+    assert_round_trip(&s, &repo, &ms[0], vm).await;
+    // The run log is kept in the state directory, not in the repository.
+    let log = run.log_path.unwrap();
+    assert!(
+        log.starts_with(dir.path().join("state")),
+        "{}",
+        log.display()
+    );
+    assert!(!dir.path().join("repo/_logs").exists());
+}

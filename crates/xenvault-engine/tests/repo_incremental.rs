@@ -30,16 +30,24 @@ async fn incremental_reads_only_changed_blocks_and_restores_exactly() {
     fx.guest_write(&vdi, 42, &[3, 50, 51, last]);
     let after = fx.live_disk(&vdi).await;
     assert_ne!(before, after);
+    let first = fx.points(&vm_uuid).await.remove(0);
+    let expected = fx.cbt_read_bytes(&first, &vdi, &[3, 50, 51, last]).await;
+    // Reading whole chunks must still be far less than the disk.
+    assert!(
+        (4 * BLOCK..8 * 1024 * 1024).contains(&expected),
+        "{expected}"
+    );
     fx.reset_stats();
 
-    // 3. Incremental: exactly the four changed blocks come over NBD.
+    // 3. Incremental: only the chunks holding the four changed blocks come
+    // over NBD (whole where the parent chunk has data, ADR 0009).
     let r2 = fx.run().await;
     let d2 = disk_report(&r2);
     assert_eq!(d2.method, "nbd-cbt", "{d2:?}");
     assert!(d2.incremental);
     assert_eq!(d2.reason, None);
-    assert_eq!(fx.nbd_bytes(), 4 * BLOCK, "NBD bytes of the incremental");
-    assert_eq!(d2.bytes_read, 4 * BLOCK);
+    assert_eq!(fx.nbd_bytes(), expected, "NBD bytes of the incremental");
+    assert_eq!(d2.bytes_read, expected);
 
     // Both restore points restore bit for bit; the second is incremental.
     let points = fx.points(&vm_uuid).await;
@@ -122,11 +130,13 @@ async fn an_extra_kept_snapshot_is_released_by_the_next_run() {
     );
 
     fx.guest_write(&vdi, 4, &[2]);
+    let parent = fx.points(&vm_uuid).await.pop().unwrap();
+    let expected = fx.cbt_read_bytes(&parent, &vdi, &[2]).await;
     fx.reset_stats();
     let report = fx.run().await;
     let d = disk_report(&report);
     assert_eq!(d.method, "nbd-cbt", "{d:?}");
-    assert_eq!(fx.nbd_bytes(), BLOCK);
+    assert_eq!(fx.nbd_bytes(), expected);
     assert_eq!(fx.snapshots().await, (1, 1), "{report:#?}");
     assert!(fx.session.vm().get_record(&snap.vm_ref).await.is_err());
     let kept = ctx.journal.kept_for("sim", "nightly", &vm_uuid).unwrap();
@@ -137,4 +147,87 @@ async fn an_extra_kept_snapshot_is_released_by_the_next_run() {
         Some(points.last().unwrap().id.as_str())
     );
     assert!(fx.restore(points.last().unwrap(), &vdi).await == fx.live_disk(&vdi).await);
+}
+
+/// The journal's kept snapshots on a real pool: cleanup and sweeps leave a
+/// kept snapshot alone, keeping again swaps the role tag, a VDI whose token
+/// tag is not ours is never reduced, and a release destroys everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_snapshots_survive_cleanup_and_sweeps_until_released() {
+    use xenvault_engine::journal::{
+        self, Journal, KeepRole, RunContext, TAG_BASE, TAG_RESUME, TAG_TOKEN,
+    };
+    let fx = Fixture::start(&scenario(true, "4M"), &[], "").await;
+    let (vm_uuid, _) = fx.vm().await;
+    let ctx = RunContext {
+        journal: Journal::open(&fx.dir.path().join("state")).unwrap(),
+        pool: "sim".into(),
+        job: "nightly".into(),
+        run_id: "r1".into(),
+    };
+    let s = &fx.session;
+    let vm_ref = s.vm().get_by_uuid(&vm_uuid).await.unwrap();
+    let snap = journal::snapshot_tagged(s, &ctx, &vm_ref, &vm_uuid, "kept", &[])
+        .await
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let kept = journal::keep_snapshot(s, &ctx, &snap.token, KeepRole::Resume, "repo", None)
+        .await
+        .unwrap();
+    let rec = s.vm().get_record(&snap.vm_ref).await.unwrap();
+    assert_eq!(
+        rec.other_config.get(TAG_RESUME).map(String::as_str),
+        Some("nightly")
+    );
+
+    // Neither cleanup nor a sweep (even of its own run) destroys it.
+    let report = journal::destroy_token(s, &ctx.journal, &kept.token).await;
+    assert!(report.destroyed_vms.is_empty(), "{report:?}");
+    assert_eq!(report.left_alone.len(), 1, "{report:?}");
+    journal::sweep(s, &ctx.journal, "sim", Some("r1"))
+        .await
+        .unwrap();
+    assert_eq!(fx.snapshots().await, (1, 1));
+    assert!(ctx.journal.outstanding(None).unwrap().is_empty());
+
+    // Kept again as a base: the role tag is swapped.
+    let kept = journal::keep_snapshot(s, &ctx, &snap.token, KeepRole::Base, "repo", Some("rp"))
+        .await
+        .unwrap();
+    let rec = s.vm().get_record(&snap.vm_ref).await.unwrap();
+    assert_eq!(
+        rec.other_config.get(TAG_BASE).map(String::as_str),
+        Some("nightly")
+    );
+    assert!(!rec.other_config.contains_key(TAG_RESUME));
+
+    // A VDI whose token tag is not ours is never reduced to metadata.
+    let (vdi_ref, _) = &snap.vdis[0];
+    s.vdi()
+        .put_other_config(vdi_ref, TAG_TOKEN, "someone-else")
+        .await
+        .unwrap();
+    let err = journal::reduce_to_metadata(s, &ctx.journal, &kept)
+        .await
+        .unwrap_err();
+    assert!(err.contains("left alone"), "{err}");
+    let vdi = s.vdi().get_record(vdi_ref).await.unwrap();
+    assert_ne!(vdi.type_, xenvault_xapi::records::VdiType::CbtMetadata);
+    assert!(
+        s.vm().get_record(&snap.vm_ref).await.is_ok(),
+        "the snapshot VM was destroyed although its VDI is not ours"
+    );
+    s.vdi()
+        .put_other_config(vdi_ref, TAG_TOKEN, &snap.token)
+        .await
+        .unwrap();
+
+    // Released: destroyed by UUID and tag, the token closed.
+    let report = journal::release_kept(s, &ctx.journal, &kept).await;
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.destroyed_vms, vec![snap.vm.uuid.clone()]);
+    assert_eq!(report.closed, 1);
+    assert_eq!(fx.snapshots().await, (0, 0));
+    assert!(ctx.journal.kept(None).unwrap().is_empty());
+    assert!(ctx.journal.outstanding(None).unwrap().is_empty());
 }

@@ -12,8 +12,6 @@ use repo_incremental_support::{Fixture, disk_report, scenario, scenario_with_nbd
 use xenvault_types::report::DiskReadReport;
 use xenvault_xapi::records::VdiType;
 
-const BLOCK: u64 = 64 * 1024;
-
 fn reason(d: &DiskReadReport) -> String {
     d.reason.clone().unwrap_or_default()
 }
@@ -172,11 +170,13 @@ async fn cbt_enable_turns_cbt_on_and_the_next_incremental_uses_it() {
             .cbt_enabled
     );
     fx.guest_write(&vdi, 3, &[10, 11]);
+    let parent = fx.points(&vm_uuid).await.pop().unwrap();
+    let expected = fx.cbt_read_bytes(&parent, &vdi, &[10, 11]).await;
     fx.reset_stats();
     let r2 = fx.run().await;
     let d2 = disk_report(&r2);
     assert_eq!(d2.method, "nbd-cbt", "{d2:?}");
-    assert_eq!(fx.nbd_bytes(), 2 * BLOCK);
+    assert_eq!(fx.nbd_bytes(), expected);
     assert!(
         !vm_report(&r2).notes.join("\n").contains("CBT enabled"),
         "enabled twice"
@@ -198,10 +198,12 @@ async fn a_metadata_base_keeps_only_cbt_and_still_gives_incrementals() {
     assert_eq!(base.type_, VdiType::CbtMetadata);
 
     fx.guest_write(&vdi, 8, &[4, 5, 6]);
+    let parent = fx.points(&vm_uuid).await.pop().unwrap();
+    let expected = fx.cbt_read_bytes(&parent, &vdi, &[4, 5, 6]).await;
     fx.reset_stats();
     let d2 = disk_report(&fx.run().await);
     assert_eq!(d2.method, "nbd-cbt", "{d2:?}");
-    assert_eq!(fx.nbd_bytes(), 3 * BLOCK);
+    assert_eq!(fx.nbd_bytes(), expected);
     let points = fx.points(&vm_uuid).await;
     assert!(fx.restore(points.last().unwrap(), &vdi).await == fx.live_disk(&vdi).await);
     // The old metadata base is gone, the new one reduced.

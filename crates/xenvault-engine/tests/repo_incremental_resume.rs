@@ -15,7 +15,7 @@ use xenvault_engine::backup::repo::resume::{ResumeState, load_index, load_state,
 use xenvault_engine::job::{self, RunOptions};
 
 const BLOCK: u64 = 64 * 1024;
-const SIZE: u64 = 48 << 20;
+const SIZE: u64 = 16 << 20;
 
 fn resume_dir(fx: &Fixture, vm_uuid: &str) -> PathBuf {
     state_dir(&fx.dir.path().join("state"), "sim", "nightly", vm_uuid)
@@ -39,7 +39,7 @@ async fn resume_child_backup() {
 async fn interrupted_run(fx: &Fixture, vm_uuid: &str) -> ResumeState {
     fx.sim.control(
         "faults/stream",
-        &serde_json::json!({"handler": "nbd", "bytes_per_sec": 2 << 20}),
+        &serde_json::json!({"handler": "nbd", "bytes_per_sec": 1 << 20}),
     );
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "resume_child_backup", "--ignored", "--nocapture"])
@@ -49,6 +49,7 @@ async fn interrupted_run(fx: &Fixture, vm_uuid: &str) -> ResumeState {
         .spawn()
         .unwrap();
     let dir = resume_dir(fx, vm_uuid);
+    let t0 = std::time::Instant::now();
     let mut state = None;
     for _ in 0..1200 {
         if let Some(s) = load_state(&dir) {
@@ -61,6 +62,7 @@ async fn interrupted_run(fx: &Fixture, vm_uuid: &str) -> ResumeState {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("checkpoint after {:?}", t0.elapsed());
     child.kill().unwrap();
     child.wait().unwrap();
     fx.sim.reset_faults();
@@ -72,7 +74,7 @@ async fn interrupted_run(fx: &Fixture, vm_uuid: &str) -> ResumeState {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_backup_resumes_without_reading_again_what_was_stored() {
-    let fx = Fixture::start(&scenario(true, "48M").replace("25%", "100%"), &[], "").await;
+    let fx = Fixture::start(&scenario(true, "16M").replace("25%", "50%"), &[], "").await;
     let (vm_uuid, vdi) = fx.vm().await;
     let state = interrupted_run(&fx, &vm_uuid).await;
     let done = state.disks[&vdi].done;
@@ -102,17 +104,18 @@ async fn an_interrupted_backup_resumes_without_reading_again_what_was_stored() {
 
     // And the next incremental starts from the resumed restore point.
     fx.guest_write(&vdi, 78, &[5]);
+    let expected = fx.cbt_read_bytes(&points[0], &vdi, &[5]).await;
     fx.reset_stats();
     let d = disk_report(&fx.run().await);
     assert_eq!(d.method, "nbd-cbt", "{d:?}");
-    assert_eq!(fx.nbd_bytes(), BLOCK);
+    assert_eq!(fx.nbd_bytes(), expected);
     let points = fx.points(&vm_uuid).await;
     assert!(fx.restore(points.last().unwrap(), &vdi).await == fx.live_disk(&vdi).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpointed_chunk_removed_by_prune_is_read_again() {
-    let fx = Fixture::start(&scenario(true, "48M").replace("25%", "100%"), &[], "").await;
+    let fx = Fixture::start(&scenario(true, "16M").replace("25%", "50%"), &[], "").await;
     let (vm_uuid, vdi) = fx.vm().await;
     let state = interrupted_run(&fx, &vm_uuid).await;
     let d = &state.disks[&vdi];
@@ -134,4 +137,83 @@ async fn a_checkpointed_chunk_removed_by_prune_is_read_again() {
     let points = fx.points(&vm_uuid).await;
     assert!(fx.restore(&points[0], &vdi).await == fx.live_disk(&vdi).await);
     assert!(path.exists(), "the missing chunk was stored again");
+}
+
+/// A VM of two disks read one after the other, killed while its second
+/// disk is read: the next run reads nothing of the finished first disk and
+/// only the rest of the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_disk_of_an_interrupted_backup_is_not_read_again() {
+    let scenario = r#"[pool]
+name = "lab"
+seed = 7
+
+[[vms]]
+name = "web01"
+[[vms.disks]]
+size = "8M"
+written = "50%"
+cbt = true
+[[vms.disks]]
+size = "8M"
+written = "50%"
+cbt = true
+"#;
+    let fx = Fixture::start(scenario, &[], "disk-concurrency = 1").await;
+    let (vm_uuid, _) = fx.vm().await;
+    fx.sim.control(
+        "faults/stream",
+        &serde_json::json!({"handler": "nbd", "bytes_per_sec": 1 << 20}),
+    );
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "resume_child_backup", "--ignored", "--nocapture"])
+        .env("XENVAULT_RESUME_CHILD", &fx.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = resume_dir(&fx, &vm_uuid);
+    let mut state = None;
+    for _ in 0..1200 {
+        if let Some(s) = load_state(&dir)
+            && s.disks.values().any(|d| d.done == d.size)
+        {
+            state = Some(s);
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    fx.sim.reset_faults();
+    let state = state.expect("no finished disk within a minute");
+    let second_done: u64 = state
+        .disks
+        .values()
+        .filter(|d| d.done < d.size)
+        .map(|d| d.done)
+        .sum();
+
+    fx.reset_stats();
+    let report = fx.run().await;
+    let vm = repo_incremental_support::vm_report(&report);
+    let disks = &vm.repository.as_ref().unwrap().disks;
+    assert_eq!(disks.len(), 2, "{disks:?}");
+    assert!(
+        disks
+            .iter()
+            .all(|d| d.reason.as_deref().unwrap_or("").contains("resumed")
+                || !state.disks.contains_key(&d.key)),
+        "{disks:?}"
+    );
+    assert_eq!(fx.nbd_bytes(), (8 << 20) - second_done, "{state:?}");
+    let points = fx.points(&vm_uuid).await;
+    for d in disks {
+        assert!(
+            fx.restore(&points[0], &d.key).await == fx.live_disk(&d.key).await,
+            "disk {}",
+            d.key
+        );
+    }
 }

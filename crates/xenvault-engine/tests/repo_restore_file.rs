@@ -351,3 +351,22 @@ async fn listing_groups_vms_follows_renames_and_refuses_ambiguous_names() {
         twin
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_restore_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    repo_with_two_points(dir.path(), false).await;
+    let repo = open_repo(dir.path()).await;
+    let point = find_repo_point(&repo, "web", None).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for format in [FileFormat::Raw, FileFormat::Vhd, FileFormat::Xva] {
+        let mut o = FileRestoreOptions::new(out.path().join("x"), format);
+        o.disk = Some(DiskSelector::Position("0".into()));
+        o.cancel.cancel();
+        let e = restore_repo_to_file(&repo, &point, &o, no_progress())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RestoreError::Cancelled), "{format:?}: {e}");
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    }
+}

@@ -168,6 +168,47 @@ async fn a_vm_restored_through_import_has_identical_disks() {
             .await
             .unwrap();
     }
+
+    // Once the original is gone, it comes back with its uuid and name;
+    // progress reaches the announced total.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path(), false).await;
+    let backed = within("backup", backup_to_repo(&pool, &repo, "vm-02")).await;
+    pool.destroy_vm_and_disks(&vm_by_name(&pool.session, "vm-02").await.0)
+        .await
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let progress: xenvault_engine::restore::ProgressFn = {
+        let seen = seen.clone();
+        std::sync::Arc::new(move |p| seen.lock().unwrap().push(p))
+    };
+    let preserve = RepoVmRestoreOptions {
+        identity: VmIdentity::Preserve { force: false },
+        ..RepoVmRestoreOptions::default()
+    };
+    let restored = within(
+        "restore with identity",
+        restore_repo_vm(&pool, &repo, &backed.manifest, &preserve, progress),
+    )
+    .await
+    .unwrap();
+    assert_eq!(restored.uuid, backed.vm_uuid);
+    assert_eq!(restored.name, "vm-02");
+    assert!(restored.preserved_identity);
+    let uploads: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.phase == xenvault_engine::restore::RestorePhase::Uploading)
+        .copied()
+        .collect();
+    let last = uploads.last().unwrap();
+    assert_eq!((last.done, last.total), (restored.bytes, restored.bytes));
+    assert!(uploads.windows(2).all(|w| w[0].done <= w[1].done));
+    for disk in &restored.disks {
+        let (_, want) = &backed.disks[&disk.userdevice];
+        assert_eq!(raw_sha(&pool, &disk.vdi_uuid).await.0, sha(want));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,5 +424,86 @@ async fn a_damaged_chunk_fails_the_restore_and_leaves_nothing() {
         object_counts(&pool.session).await,
         counts,
         "the VDI was left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn into_a_vdi_a_disk_of_odd_size_goes_as_chunked_raw_pieces() {
+    let sim = SimProc::spawn(SPARSE_ARGS);
+    let pool = sim.connect().await;
+    let s = &pool.session;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = new_repo(dir.path(), true).await;
+    // A 3 MiB + 100 bytes disk: no VHD can hold it (whole sectors only).
+    let size = (3 << 20) + 100;
+    let mut bytes = repo_restore_support::pattern_disk(size - 100, 4);
+    bytes.extend_from_slice(&[0xAB; 100]);
+    let manifest = write_point(
+        &repo,
+        "44444444-2222-3333-4444-555555555555",
+        "odd",
+        time::OffsetDateTime::now_utc(),
+        &[TestDisk {
+            key: "xvda".into(),
+            bytes: bytes.clone(),
+            meta: serde_json::Value::Null,
+        }],
+        serde_json::Value::Null,
+    )
+    .await;
+    // A bigger VDI holding other data everywhere.
+    let (sr_ref, _) = pool.choose_sr(None).await.unwrap();
+    let vdi = s
+        .vdi()
+        .create(&xenvault_xapi::records::VdiCreate {
+            name_label: "target".into(),
+            name_description: String::new(),
+            sr: sr_ref,
+            virtual_size: 4 << 20,
+            type_: xenvault_xapi::records::VdiType::User,
+            sharable: false,
+            read_only: false,
+            other_config: Default::default(),
+            xenstore_data: Default::default(),
+            sm_config: Default::default(),
+            tags: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let uuid = s.vdi().get_record(&vdi).await.unwrap().uuid;
+    sim.control(
+        "POST",
+        "/_sim/guest-write",
+        serde_json::json!({"vdi": uuid, "seed": 11, "percent": 100}),
+    )
+    .await;
+    let before = download(
+        &pool,
+        "/export_raw_vdi",
+        &[("vdi", &uuid), ("format", "raw")],
+    )
+    .await;
+    let r = restore_repo_disk_into(
+        &pool,
+        &repo,
+        &manifest,
+        &IntoVdiOptions::new(DiskSelector::File("xvda".into()), vdi.as_str()),
+        no_progress(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.upload_format, "chunked");
+    assert_eq!(r.chunks_compared, 4);
+    assert_eq!(r.chunks_written, 4, "{r:?}");
+    let after = download(
+        &pool,
+        "/export_raw_vdi",
+        &[("vdi", &uuid), ("format", "raw")],
+    )
+    .await;
+    assert!(after[..size] == bytes[..], "the disk is not restored");
+    assert!(
+        after[size..] == before[size..],
+        "bytes past the disk changed"
     );
 }

@@ -89,6 +89,18 @@ fn guest_writes(data: &[u8]) -> (Vec<u8>, Vec<usize>) {
     (new, picked.into_iter().collect())
 }
 
+/// The writer's options: the defaults, or `BENCH_IN_FLIGHT=N` chunks in flight.
+fn write_options() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    if let Some(n) = std::env::var("BENCH_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.max_in_flight = n;
+    }
+    o
+}
+
 async fn run_one(
     storage: Arc<dyn Storage>,
     chunk: u32,
@@ -113,7 +125,7 @@ async fn run_one(
     let t = time::OffsetDateTime::now_utc();
     let start = Instant::now();
     let rp = repo
-        .begin_restore_point("bench-vm", "bench", t, None, WriteOptions::default())
+        .begin_restore_point("bench-vm", "bench", t, None, write_options())
         .await
         .expect("begin");
     let mut w = rp
@@ -153,7 +165,7 @@ async fn run_one(
             "bench",
             t + Duration::from_secs(1),
             Some(&m.id),
-            WriteOptions::default(),
+            write_options(),
         )
         .await
         .expect("begin incremental");
@@ -192,16 +204,37 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // Optional filters (comma-separated): BENCH_BACKENDS=memory,local,
+    // BENCH_CHUNKS_KIB=1024, BENCH_MODES=plain,aes-256-gcm; BENCH_RUNS=N (best of N, default 2).
+    let wanted = |var: &str, name: &str| {
+        std::env::var(var)
+            .map(|v| v.split(',').any(|w| w.trim() == name))
+            .unwrap_or(true)
+    };
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
     let mut rows = Vec::new();
     for backend in ["memory", "local"] {
+        if !wanted("BENCH_BACKENDS", backend) {
+            continue;
+        }
         for chunk_kib in [256u32, 512, 1024, 2048, 4096] {
+            if !wanted("BENCH_CHUNKS_KIB", &chunk_kib.to_string()) {
+                continue;
+            }
             for (mode, cipher) in [
                 ("plain", None),
                 ("aes-256-gcm", Some(CipherKind::Aes256Gcm)),
                 ("chacha20-poly1305", Some(CipherKind::ChaCha20Poly1305)),
             ] {
+                if !wanted("BENCH_MODES", mode) {
+                    continue;
+                }
                 let mut best: Option<[u64; 6]> = None;
-                for _ in 0..2 {
+                for _ in 0..runs {
                     let dir = tempfile::tempdir_in(
                         std::env::var("BENCH_DIR").unwrap_or("/var/tmp".into()),
                     )
@@ -240,7 +273,7 @@ fn main() {
     }
     let mbs = |d: Duration| data.len() as f64 / 1e6 / d.as_secs_f64();
     println!(
-        "corpus {mib} MiB (1/2 /usr files, 1/4 random, 1/4 zeros), best of 2, MB/s = 10^6 B/s of disk\n"
+        "corpus {mib} MiB (1/2 /usr files, 1/4 random, 1/4 zeros), best of {runs}, MB/s = 10^6 B/s of disk\n"
     );
     println!(
         "| backend | chunk | mode | full write MB/s | read MB/s | stored MiB | incr. 1% time (% of full) | incr. chunks rewritten | incr. stored MiB |"

@@ -46,7 +46,7 @@ pub fn encode(
     cipher: Option<&Cipher>,
     context: &[u8],
 ) -> Result<Vec<u8>> {
-    let compressed = if level != 0 {
+    let compressed = if level != 0 && looks_compressible(plain, level) {
         let c = zstd::bulk::compress(plain, level)
             .map_err(|e| RepoError::Task(format!("zstd compression failed: {e}")))?;
         (c.len() < plain.len()).then_some(c)
@@ -69,13 +69,16 @@ pub fn encode(
             let mut aad = Vec::with_capacity(HEADER_LEN + context.len());
             aad.extend_from_slice(&header);
             aad.extend_from_slice(context);
-            let mut body = Vec::with_capacity(payload.len() + TAG_LEN);
-            body.extend_from_slice(payload);
-            let nonce = c.seal(&aad, &mut body)?;
-            let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + body.len());
+            // One copy of the payload: header, nonce space, payload, then
+            // encrypted in place, then the tag appended.
+            let body_at = HEADER_LEN + NONCE_LEN;
+            let mut out = Vec::with_capacity(body_at + payload.len() + TAG_LEN);
             out.extend_from_slice(&header);
-            out.extend_from_slice(&nonce);
-            out.extend_from_slice(&body);
+            out.extend_from_slice(&[0u8; NONCE_LEN]);
+            out.extend_from_slice(payload);
+            let (nonce, tag) = c.seal_detached(&aad, &mut out[body_at..])?;
+            out[HEADER_LEN..body_at].copy_from_slice(&nonce);
+            out.extend_from_slice(&tag);
             Ok(out)
         }
         None => {
@@ -86,6 +89,34 @@ pub fn encode(
             out.extend_from_slice(&crc.to_le_bytes());
             Ok(out)
         }
+    }
+}
+
+/// Data at least this long is sampled before it is compressed.
+const SAMPLE_FROM: usize = 64 * 1024;
+/// Size of one sampled piece, and how many pieces (spread evenly) are taken.
+const SAMPLE_PIECE: usize = 4096;
+const SAMPLE_PIECES: usize = 8;
+
+/// Whether compressing `plain` is worth trying: small data always is; larger
+/// data is sampled (8 evenly spread 4 KiB pieces, 32 KiB in all, compressed at
+/// `level`) and skipped when the sample does not shrink by at least 1/32
+/// (random or already compressed data: its chunk is then stored raw, which the
+/// format allows, instead of paying a full zstd pass for nothing).
+fn looks_compressible(plain: &[u8], level: i32) -> bool {
+    if plain.len() < SAMPLE_FROM {
+        return true;
+    }
+    let stride = plain.len() / SAMPLE_PIECES;
+    let mut sample = Vec::with_capacity(SAMPLE_PIECE * SAMPLE_PIECES);
+    for i in 0..SAMPLE_PIECES {
+        let at = i * stride;
+        sample.extend_from_slice(&plain[at..(at + SAMPLE_PIECE).min(plain.len())]);
+    }
+    match zstd::bulk::compress(&sample, level) {
+        Ok(c) => c.len() < sample.len() - sample.len() / 32,
+        // Let the full compression report the error.
+        Err(_) => true,
     }
 }
 
@@ -239,6 +270,31 @@ mod tests {
         let blob = encode(BlobKind::Chunk, &data, 1, None, b"").unwrap();
         assert_eq!(blob[5], 0);
         assert_eq!(blob.len(), HEADER_LEN + 4096 + 4);
+    }
+
+    #[test]
+    fn incompressible_large_data_skips_compression_and_round_trips() {
+        let c = Cipher::new(CipherKind::ChaCha20Poly1305, &[9; 32]).unwrap();
+        let mut data = vec![0u8; 1 << 20];
+        crate::crypto::random_bytes(&mut data).unwrap();
+        assert!(!looks_compressible(&data, 1));
+        let blob = encode(BlobKind::Chunk, &data, 1, Some(&c), b"id").unwrap();
+        assert_eq!(blob[5], 0, "random data is stored raw");
+        assert_eq!(blob.len(), HEADER_LEN + NONCE_LEN + data.len() + TAG_LEN);
+        assert_eq!(
+            decode("k", BlobKind::Chunk, &blob, 1 << 20, Some(&c), b"id").unwrap(),
+            data
+        );
+        // Half random, half text: the sample sees the text, the chunk is compressed.
+        let text = b"some compressible words ".repeat(30000);
+        data[..text.len().min(1 << 19)].copy_from_slice(&text[..text.len().min(1 << 19)]);
+        assert!(looks_compressible(&data, 1));
+        let blob = encode(BlobKind::Chunk, &data, 1, Some(&c), b"id").unwrap();
+        assert_eq!(blob[5], 1);
+        assert_eq!(
+            decode("k", BlobKind::Chunk, &blob, 1 << 20, Some(&c), b"id").unwrap(),
+            data
+        );
     }
 
     #[test]

@@ -148,6 +148,28 @@ impl Cipher {
         Ok(nonce)
     }
 
+    /// Encrypts `buf` in place and returns the random nonce and the tag (to be
+    /// stored after the ciphertext), so a caller can encrypt inside its output
+    /// buffer without another copy.
+    pub fn seal_detached(
+        &self,
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<([u8; NONCE_LEN], [u8; TAG_LEN])> {
+        let mut nonce = [0u8; NONCE_LEN];
+        random_bytes(&mut nonce)?;
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
+            .map_err(|_| RepoError::Task("AEAD seal failed".into()))?;
+        let mut t = [0u8; TAG_LEN];
+        if tag.as_ref().len() != TAG_LEN {
+            return Err(RepoError::Task("AEAD tag has an unexpected length".into()));
+        }
+        t.copy_from_slice(tag.as_ref());
+        Ok((nonce, t))
+    }
+
     /// Decrypts `buf` (ciphertext + tag) in place; returns the plaintext length,
     /// or `None` when authentication fails.
     pub fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> Option<usize> {

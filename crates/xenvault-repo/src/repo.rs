@@ -24,7 +24,7 @@ pub const MAX_METADATA_LEN: u64 = 3 << 30;
 /// How to create a repository.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
-    /// Chunk size: 1, 2 or 4 MiB.
+    /// Chunk size: 256 KiB, 512 KiB, 1 MiB (the default), 2 MiB or 4 MiB (ADR 0009).
     pub chunk_size: u32,
     /// zstd level (1 recommended; 0 disables compression).
     pub zstd_level: i32,

@@ -41,7 +41,10 @@ pub const MAX_DISK_SIZE: u64 = 1 << 46;
 /// Writer knobs.
 #[derive(Debug, Clone)]
 pub struct WriteOptions {
-    /// Chunks being hashed, compressed, encrypted or uploaded at once, per disk.
+    /// Chunks being hashed, compressed, encrypted or uploaded at once, per disk
+    /// (default 12: a chunk's fsync or upload mostly waits, so more than the
+    /// cores; memory is about twice this many chunks). On the 2-core bench
+    /// machine, local backend, 1 MiB chunks: 6 → 250-290 MB/s, 12 → 300-450.
     pub max_in_flight: usize,
     /// Staleness limit of the writer's shared lock (refreshed every quarter of it).
     pub lock_stale_after: Duration,
@@ -52,7 +55,7 @@ pub struct WriteOptions {
 impl Default for WriteOptions {
     fn default() -> Self {
         WriteOptions {
-            max_in_flight: 6,
+            max_in_flight: 12,
             lock_stale_after: DEFAULT_STALE_AFTER,
             lock_wait: Duration::from_secs(120),
         }
@@ -556,6 +559,23 @@ impl DiskWriter {
                 self.flush_cur().await?;
                 self.index.ids[ci as usize] = ChunkId::ZERO;
                 self.stats.processed_chunks += 1;
+                off = cend;
+                continue;
+            }
+            if let Some(d) = data
+                && !in_cur
+                && off == cstart
+                && n == clen
+            {
+                // A whole chunk inside a larger extent: one copy, no zero-fill.
+                self.flush_cur().await?;
+                let ds = (off - offset) as usize;
+                let p = Pending {
+                    idx: ci,
+                    buf: d[ds..ds + n as usize].to_vec(),
+                    covered: vec![(0, n as usize)],
+                };
+                self.submit(p).await?;
                 off = cend;
                 continue;
             }

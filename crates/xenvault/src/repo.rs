@@ -279,7 +279,8 @@ pub struct InitArgs {
     #[arg(long)]
     pub encrypt: bool,
 
-    /// Chunk size: 1M (default), 2M or 4M. Fixed for the repository's life.
+    /// Chunk size: 1M (the default, see docs/design/0005), or 256K, 512K,
+    /// 2M, 4M. Fixed for the repository's life.
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = crate::cli::parse_size)]
     pub chunk_size: u64,
 
@@ -298,15 +299,9 @@ pub async fn run(command: RepoCommand, json: bool) -> anyhow::Result<ExitCode> {
 
 async fn init(args: InitArgs, json: bool) -> anyhow::Result<ExitCode> {
     let chosen = choose(&args.select)?;
-    let chunk_size = u32::try_from(args.chunk_size)
-        .ok()
-        .filter(|s| [1 << 20, 2 << 20, 4 << 20].contains(s))
-        .ok_or_else(|| {
-            UsageError(format!(
-                "--chunk-size {} bytes: use 1M, 2M or 4M",
-                args.chunk_size
-            ))
-        })?;
+    let chunk_size = u32::try_from(args.chunk_size).unwrap_or(u32::MAX);
+    xenvault_repo::manifest::validate_chunk_size(chunk_size)
+        .map_err(|e| UsageError(format!("--chunk-size {}: {e}", args.chunk_size)))?;
     let encryption = match (&chosen.target.password, args.encrypt) {
         (Some(pw), true) => Some(EncryptionInit {
             password: pw.expose().as_bytes().to_vec(),

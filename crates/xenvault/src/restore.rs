@@ -12,8 +12,8 @@ use anyhow::Context as _;
 use clap::Args;
 use xenvault_engine::restore::repo::{
     FileFormat, FileRestoreOptions, IntoVdiOptions, RepoDiskRestoreOptions, RepoVmRestoreOptions,
-    find_repo_point, restore_repo_disk, restore_repo_disk_into, restore_repo_to_file,
-    restore_repo_vm,
+    VmRestoreMethod, find_repo_point, restore_repo_disk, restore_repo_disk_into,
+    restore_repo_to_file, restore_repo_vm,
 };
 use xenvault_engine::restore::{
     Cancel, DiskRestoreOptions, DiskSelector, PoolConnection, ProgressFn, RestoreError,
@@ -112,6 +112,12 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "UUID", requires = "disk", conflicts_with_all = ["sr", "name"])]
     pub into_vdi: Option<String>,
 
+    /// Repositories, a whole VM: `xva` (one rebuilt XVA through /import) or
+    /// `vdis` (the VM, then each disk's allocated blocks through
+    /// /import_raw_vdi: less to send for sparse disks).
+    #[arg(long, value_name = "HOW", default_value = "xva", value_parser = ["xva", "vdis"], conflicts_with_all = ["disk", "to_file"])]
+    pub method: String,
+
     /// Repositories: chunks fetched at once per disk.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
@@ -179,6 +185,7 @@ fn failure(e: RestoreError) -> anyhow::Error {
     match e {
         RestoreError::NotFound(_)
         | RestoreError::BadSr(_)
+        | RestoreError::BadTarget(_)
         | RestoreError::OriginalExists { .. } => UsageError(e.to_string()).into(),
         other => anyhow::Error::new(other),
     }
@@ -531,6 +538,11 @@ async fn restore_repository(
                 },
                 start: args.start,
                 parallel,
+                method: if args.method == "vdis" {
+                    VmRestoreMethod::RawVdis
+                } else {
+                    VmRestoreMethod::Xva
+                },
                 ..RepoVmRestoreOptions::default()
             };
             let restored = interruptible(

@@ -136,7 +136,10 @@ fn init_and_keys() {
         &["repo", "init", "--repo", s(&repo), "--chunk-size", "3M"],
         2,
     );
-    assert!(one_line_error(&out).contains("use 1M, 2M or 4M"), "{out:?}");
+    assert!(
+        one_line_error(&out).contains("use 256 KiB, 512 KiB, 1 MiB, 2 MiB or 4 MiB"),
+        "{out:?}"
+    );
 
     let out = run(
         &[
@@ -420,9 +423,27 @@ fn check_verify_list_restore_and_prune() {
             .into_iter()
             .enumerate()
         {
-            ids.push(backup(&repo, "vm-a", "alpha", t, "nightly", &imgs[i]).await);
+            ids.push(
+                backup(
+                    &repo,
+                    "0a0a0a0a-0000-4000-8000-00000000000a",
+                    "alpha",
+                    t,
+                    "nightly",
+                    &imgs[i],
+                )
+                .await,
+            );
         }
-        let b = backup(&repo, "vm-b", "beta", day1, "gone-job", &image(2, 9)).await;
+        let b = backup(
+            &repo,
+            "0b0b0b0b-0000-4000-8000-00000000000b",
+            "beta",
+            day1,
+            "gone-job",
+            &image(2, 9),
+        )
+        .await;
         (ids, b)
     });
 
@@ -452,7 +473,9 @@ fn check_verify_list_restore_and_prune() {
     assert_eq!(a, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
     let out = run(&["list", "nightly", "--config", s(&cfg), "--vm", "beta"], 0);
     assert!(
-        out.stdout.contains("VM beta (vm-b)") && out.stdout.contains(&b_id),
+        out.stdout
+            .contains("VM beta (0b0b0b0b-0000-4000-8000-00000000000b)")
+            && out.stdout.contains(&b_id),
         "{out:?}"
     );
 
@@ -485,7 +508,7 @@ fn check_verify_list_restore_and_prune() {
             "--password-file",
             s(&dir.path().join("repo.pw")),
             "--vm",
-            "vm-a",
+            "0a0a0a0a-0000-4000-8000-00000000000a",
             "--disk",
             "disk0",
             "--to-file",
@@ -519,7 +542,7 @@ fn check_verify_list_restore_and_prune() {
     let out = run(&cat(&[&["prune", "--dry-run"], &t]), 0);
     let text = &out.stdout;
     assert!(
-        text.contains("VM alpha (vm-a) — job nightly: keep-last 1, keep-daily 2"),
+        text.contains("VM alpha (0a0a0a0a-0000-4000-8000-00000000000a) — job nightly: keep-last 1, keep-daily 2"),
         "{text}"
     );
     assert!(
@@ -562,7 +585,11 @@ fn check_verify_list_restore_and_prune() {
     // prune: forget, then mark (grace 0); the next prune sweeps.
     let out = run(&cat(&[&["prune", "--grace", "0"], &t]), 0);
     assert!(out.stdout.contains("Stale lock dead00"), "{out:?}");
-    assert!(out.stdout.contains(&format!("vm-a/{}", ids[1])), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("0a0a0a0a-0000-4000-8000-00000000000a/{}", ids[1])),
+        "{out:?}"
+    );
     assert!(out.stdout.contains("Marked 2 unused chunks"), "{out:?}");
     assert!(!repo_dir.join("locks/dead00").exists());
     let out = run(&cat(&[&["prune", "--grace", "0", "--json"], &t]), 0);
@@ -584,7 +611,10 @@ fn check_verify_list_restore_and_prune() {
     // with every restore point it breaks; exit 1.
     let (chunk_of_a0, index_of_a0) = rt().block_on(async {
         let repo = open(&repo_dir, Some("repo-password")).await;
-        let m = repo.load_manifest("vm-a", &ids[0]).await.unwrap();
+        let m = repo
+            .load_manifest("0a0a0a0a-0000-4000-8000-00000000000a", &ids[0])
+            .await
+            .unwrap();
         let index = repo.load_index(&m.disks[0].index).await.unwrap();
         (index.ids[0].object_key(), m.disks[0].index.clone())
     });
@@ -600,20 +630,24 @@ fn check_verify_list_restore_and_prune() {
         "{out:?}"
     );
     assert!(
-        out.stdout
-            .contains(&format!("breaks VM alpha (vm-a) restore point {}", ids[0])),
+        out.stdout.contains(&format!(
+            "breaks VM alpha (0a0a0a0a-0000-4000-8000-00000000000a) restore point {}",
+            ids[0]
+        )),
         "{out:?}"
     );
     assert!(
-        !out.stdout
-            .contains(&format!("breaks VM alpha (vm-a) restore point {}", ids[2])),
+        !out.stdout.contains(&format!(
+            "breaks VM alpha (0a0a0a0a-0000-4000-8000-00000000000a) restore point {}",
+            ids[2]
+        )),
         "{out:?}"
     );
     let out = run(&cat(&[&["verify", "--json", "--sample", "100"], &t]), 1);
     let v = out.json();
     assert_eq!(
         v["broken_restore_points"][0]["restore_point"],
-        format!("vm-a/{}", ids[0])
+        format!("0a0a0a0a-0000-4000-8000-00000000000a/{}", ids[0])
     );
     assert_eq!(v["broken_restore_points"][0]["vm"], "alpha");
     // The damaged restore point refuses to restore, naming the chunk.

@@ -113,6 +113,8 @@ struct XvRun {
     incr_size: u64,
     restore: Measured,
     restore_result: StepResult,
+    /// Job path only: the same restore through `Repository::read_disk` alone.
+    reader_restore: Option<Measured>,
 }
 
 /// One peer measured on the main disk.
@@ -434,6 +436,30 @@ impl Bench {
             std::fs::remove_file(&target)?;
             run.restore = m;
             run.restore_result = r;
+            if self.args.path == MeasuredPath::Job {
+                // The repository's reader alone (`Repository::read_disk` → pwrite), for
+                // comparison with the engine's file restore.
+                let spec = self.step_spec(
+                    StepKind::Restore {
+                        target: target.clone(),
+                    },
+                    &vm_uuid,
+                    &vdi_uuid,
+                    &repo,
+                    "reader",
+                );
+                let (m, _) = self.run_step(&spec)?;
+                eprintln!(
+                    "  reader alone: {:.2} s, {} MiB RSS",
+                    m.wall.as_secs_f64(),
+                    m.max_rss >> 20
+                );
+                if !peers::same_bytes(&target, &disk_in_src)? {
+                    bail!("the repository reader's restore differs from the disk");
+                }
+                std::fs::remove_file(&target)?;
+                run.reader_restore = Some(m);
+            }
         }
         for (pr, run) in peer_repos.iter().zip(&mut peer_runs) {
             let target = self.work.join(format!("restored-{}", pr.peer.name()));
@@ -457,7 +483,7 @@ impl Bench {
 
         // Clones: one shared repository per layout, default (first) chunk size.
         let mut clone_runs = Vec::new();
-        if let Some(first) = xv.first() {
+        if let Some(first) = xv.first().filter(|_| self.args.clones > 0) {
             for layout in &self.args.clone_layouts {
                 let repo = self.work.join(format!("xv-clones-{layout}"));
                 init_repo(&repo, first.chunk_size).await?;
@@ -852,7 +878,14 @@ impl Bench {
         let a = &self.args;
         let mut s = String::new();
         let cmdline: Vec<String> = std::env::args().skip(1).collect();
-        s.push_str("## Repository backup against restic and borg\n\n");
+        if a.no_peers {
+            s.push_str(&format!(
+                "## Repository backup of a {:.0} GiB disk (xenvault alone)\n\n",
+                a.disk_size as f64 / (1u64 << 30) as f64
+            ));
+        } else {
+            s.push_str("## Repository backup against restic and borg\n\n");
+        }
         s.push_str(&format!(
             "`cargo run --release -p xenvault-bench -- {}` (after `scripts/bench-deps.sh`), measured {} on this project's machine kind (2 vCPUs shared with other engineers' builds; load average {} at the end; one pass, {:.1} min in all). Every measured operation is a child process under `/usr/bin/time` (wall time from start to exit, peak RSS).\n\n",
             cmdline.join(" "),
@@ -949,6 +982,14 @@ impl Bench {
                 fmt_x(speedup(borg, &|p| p.restore.wall, x.restore.wall)),
                 if restic.is_none() { "–" } else { verdict(rr.is_some_and(|v| v >= 2.0)) },
             ));
+            if let Some(r) = &x.reader_restore {
+                s.push_str(&format!(
+                    "| restore, the repository's reader alone (`Repository::read_disk` → `pwrite`, no fsync) | {} | | | {} | {} | (for comparison) | |\n",
+                    secs(r.wall),
+                    fmt_x(speedup(restic, &|p| p.restore.wall, r.wall)),
+                    fmt_x(speedup(borg, &|p| p.restore.wall, r.wall)),
+                ));
+            }
             // Sizes.
             let ratio = |mine: u64, p: Option<&PeerRun>, f: &dyn Fn(&PeerRun) -> u64| {
                 p.map_or("–".to_string(), |p| {

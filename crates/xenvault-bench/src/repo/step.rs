@@ -404,10 +404,13 @@ async fn restore(spec: &StepSpec, target: &PathBuf) -> anyhow::Result<StepResult
     let repo = open_repo(spec).await?;
     let open_secs = t_open.elapsed().as_secs_f64();
     let t_data = std::time::Instant::now();
-    let id = state
-        .restore_point
-        .ok_or_else(|| anyhow!("nothing backed up yet"))?;
-    let manifest = repo.load_manifest(&spec.vm_uuid, &id).await?;
+    let manifest = match state.restore_point {
+        Some(id) => repo.load_manifest(&spec.vm_uuid, &id).await?,
+        None => repo
+            .latest_restore_point(&spec.vm_uuid)
+            .await?
+            .ok_or_else(|| anyhow!("nothing backed up yet"))?,
+    };
     let entry = manifest.disk(&spec.vdi_uuid)?;
     let size = entry.size;
     let mut reader = repo.read_disk(&manifest, &spec.vdi_uuid, 8).await?;

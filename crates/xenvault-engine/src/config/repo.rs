@@ -510,6 +510,19 @@ impl Checker<'_> {
             );
         }
 
+        for (key, set) in [
+            ("pool-metadata", job.pool_metadata.is_some()),
+            ("host-backup", job.host_backup.is_some()),
+        ] {
+            if set {
+                return Err(self.err(
+                    ErrorKind::BadValue,
+                    &["jobs", name, key],
+                    format!("`{key}` backups are files, not VM disks: a repository does not store them, and target {target_name} is a repository"),
+                    format!("remove [jobs.{name}.{key}] here and put it in a job writing to an archive target"),
+                ));
+            }
+        }
         if job.nbd_connections == 0 || job.nbd_connections > MAX_NBD_CONNECTIONS {
             return Err(self.err(
                 ErrorKind::BadValue,

@@ -7,27 +7,16 @@ use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-/// The `xapi-sim` binary, built once per test process.
+// Both support modules include it; a test using both gets two copies.
+#[allow(clippy::duplicate_mod)]
+#[path = "../sim_bin/mod.rs"]
+mod sim_bin;
+
+/// The `xapi-sim` binary (see `sim_bin`).
 pub fn sim_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/<test> → target/<profile>/xapi-sim
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "xenvault-sim", "--bin", "xapi-sim"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build for xapi-sim");
-        assert!(status.success(), "cannot build xapi-sim");
-        let bin = profile_dir.join("xapi-sim");
-        assert!(bin.exists(), "no {}", bin.display());
-        bin
-    })
-    .clone()
+    sim_bin::xapi_sim_binary()
 }
 
 /// A running simulator (killed on drop).

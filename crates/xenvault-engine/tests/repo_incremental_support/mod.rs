@@ -110,6 +110,34 @@ impl Fixture {
     }
 
     /// Opens the repository.
+    /// The bytes an incremental reads over NBD after guest writes to
+    /// `blocks` (64 KiB) of disk `key`, on top of restore point `parent`:
+    /// whole chunks where the parent chunk holds data (ADR 0009), only the
+    /// changed blocks where it is the zero chunk.
+    pub async fn cbt_read_bytes(&self, parent: &Manifest, key: &str, blocks: &[u64]) -> u64 {
+        const BLOCK: u64 = 64 * 1024;
+        let repo = self.repo().await;
+        let entry = parent.disk(key).unwrap();
+        let index = repo.load_index(&entry.index).await.unwrap();
+        let cs = u64::from(index.chunk_size);
+        let mut whole = std::collections::BTreeSet::new();
+        let mut bytes = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for &b in blocks {
+            if !seen.insert(b) {
+                continue;
+            }
+            let chunk = b * BLOCK / cs;
+            if index.ids[chunk as usize].is_zero() {
+                bytes += BLOCK.min(entry.size - b * BLOCK);
+            } else if whole.insert(chunk) {
+                let (_, len) = index.chunk_range(chunk);
+                bytes += len;
+            }
+        }
+        bytes
+    }
+
     pub async fn repo(&self) -> Repository {
         Repository::open(
             Arc::new(LocalStorage::new(self.dir.path().join("repo")).unwrap()),

@@ -33,22 +33,14 @@ pub struct Info {
     pub control: String,
 }
 
-/// The `xapi-sim` binary next to this test's target directory (built if missing).
+// Both support modules include it; a test using both gets two copies.
+#[allow(clippy::duplicate_mod)]
+#[path = "../sim_bin/mod.rs"]
+mod sim_bin;
+
+/// The `xapi-sim` binary (see `sim_bin`).
 pub fn xapi_sim_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/<test> → target/debug
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let bin = dir.join("xapi-sim");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "xenvault-sim", "--bin", "xapi-sim"])
-            .status()
-            .expect("run cargo build for xapi-sim");
-        assert!(status.success(), "cannot build xapi-sim");
-    }
-    assert!(bin.exists(), "no xapi-sim at {}", bin.display());
-    bin
+    sim_bin::xapi_sim_binary()
 }
 
 /// A running `xapi-sim serve` in a temporary state directory; killed on drop.

@@ -78,7 +78,9 @@ fn write_temp(dir: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
         .write(true)
         .create_new(true)
         .open(&tmp)?;
-    let res = f.write_all(data).and_then(|_| f.sync_all());
+    // fdatasync: the data and the metadata needed to read it back (the size of
+    // this new file) are made durable; only timestamps may lag.
+    let res = f.write_all(data).and_then(|_| f.sync_data());
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
         return Err(e);

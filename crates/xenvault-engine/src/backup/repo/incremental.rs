@@ -28,7 +28,7 @@
 
 use std::ops::Range;
 
-use xenvault_repo::Manifest;
+use xenvault_repo::{FixedIndex, Manifest};
 use xenvault_types::config::CbtMode;
 use xenvault_xapi::cbt::ChangedBlocks;
 use xenvault_xapi::records::{VdiRef, VdiType};
@@ -85,13 +85,24 @@ pub fn vhd_whole_on_parent_plan(key: &str, reason: String) -> DiskReadPlan {
 }
 
 /// The changed ranges of a CBT bitmap, read over NBD onto the parent's disk
-/// `key`; `fallback` is used when NBD cannot be reached.
-pub fn cbt_plan(key: &str, changed: &ChangedBlocks, fallback: DiskReadPlan) -> DiskReadPlan {
+/// `key` (widened to whole chunks where the parent holds data, see
+/// [`widen_to_chunks`]); `fallback` is used when NBD cannot be reached.
+pub fn cbt_plan(
+    key: &str,
+    changed: &ChangedBlocks,
+    parent_index: Option<&FixedIndex>,
+    fallback: DiskReadPlan,
+) -> DiskReadPlan {
+    let ranges = changed_ranges(changed);
+    let ranges = match parent_index {
+        Some(index) => widen_to_chunks(&ranges, index),
+        None => ranges,
+    };
     DiskReadPlan {
         method: ReadMethod::NbdCbt,
         reason: None,
         parent_disk_key: Some(key.to_string()),
-        ranges: Some(changed_ranges(changed)),
+        ranges: Some(ranges),
         vhd_base: None,
         nbd_fallback: Some(Box::new(fallback)),
         start: None,
@@ -102,6 +113,46 @@ pub fn cbt_plan(key: &str, changed: &ChangedBlocks, fallback: DiskReadPlan) -> D
 /// disk's end (64 KiB is a multiple of NBD's 512-byte alignment).
 pub fn changed_ranges(changed: &ChangedBlocks) -> Vec<Range<u64>> {
     changed.ranges().collect()
+}
+
+/// Widens `ranges` (sorted, disjoint) to whole chunks of `index` wherever the
+/// parent chunk holds data: the writer then gets complete chunks from the
+/// snapshot (read over NBD, several connections) and never fetches, decrypts
+/// and decompresses the parent chunk from the repository, which may be
+/// remote (ADR 0009). Where the parent chunk is the zero chunk the writer
+/// completes it with zeros, so only the changed blocks are read there.
+pub fn widen_to_chunks(ranges: &[Range<u64>], index: &FixedIndex) -> Vec<Range<u64>> {
+    let cs = u64::from(index.chunk_size);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    let mut push = |r: Range<u64>| match out.last_mut() {
+        Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+        _ => out.push(r),
+    };
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let chunk = at / cs;
+            let (c_start, c_len) = index.chunk_range(chunk);
+            let c_end = c_start + c_len;
+            if c_len == 0 {
+                // Past the parent's disk end (cannot happen: sizes match).
+                push(at..r.end);
+                break;
+            }
+            let piece_end = r.end.min(c_end);
+            let parent_has_data = index
+                .ids
+                .get(chunk as usize)
+                .is_some_and(|id| !id.is_zero());
+            if parent_has_data {
+                push(c_start..c_end);
+            } else {
+                push(at..piece_end);
+            }
+            at = piece_end;
+        }
+    }
+    out
 }
 
 /// The disk meta's `snapshot_vdi_uuid` of the parent's disk `key`.
@@ -254,7 +305,15 @@ async fn choose_best(ctx: &VmContext<'_>, disk: &DiskSource) -> DiskReadPlan {
     } else {
         vhd_diff_plan(&disk.key, &base.uuid, None)
     };
-    cbt_plan(&disk.key, &changed, fallback)
+    // The parent's index tells which touched chunks hold data (read whole).
+    let parent_index = match ctx.parent.map(|m| m.disk(&disk.key)) {
+        Some(Ok(entry)) => match p.repo.load_index(&entry.index).await {
+            Ok(index) => Some(index),
+            Err(e) => return full_plan(format!("the parent's index is unreadable: {e}")),
+        },
+        _ => None,
+    };
+    cbt_plan(&disk.key, &changed, parent_index.as_ref(), fallback)
 }
 
 /// Finds the base VDI on the pool and checks it is a snapshot of the same
@@ -305,7 +364,12 @@ mod tests {
         for b in [0, 1, 7, 40] {
             cb.mark_block(b);
         }
-        let plan = cbt_plan("disk-a", &cb, vhd_diff_plan("disk-a", "base-vdi", None));
+        let plan = cbt_plan(
+            "disk-a",
+            &cb,
+            None,
+            vhd_diff_plan("disk-a", "base-vdi", None),
+        );
         assert_eq!(plan.method, ReadMethod::NbdCbt);
         assert!(plan.reason.is_none());
         assert_eq!(plan.parent_disk_key.as_deref(), Some("disk-a"));
@@ -326,7 +390,7 @@ mod tests {
     #[test]
     fn no_change_reads_nothing() {
         let cb = ChangedBlocks::new(8 * CBT_BLOCK_SIZE);
-        let plan = cbt_plan("k", &cb, vhd_diff_plan("k", "b", None));
+        let plan = cbt_plan("k", &cb, None, vhd_diff_plan("k", "b", None));
         assert_eq!(plan.ranges, Some(Vec::new()));
     }
 
@@ -348,11 +412,34 @@ mod tests {
         assert_eq!(plan.parent_disk_key.as_deref(), Some("k"));
         assert!(plan.vhd_base.is_none());
         let cb = ChangedBlocks::new(CBT_BLOCK_SIZE);
-        let cbt = cbt_plan("k", &cb, plan);
+        let cbt = cbt_plan("k", &cb, None, plan);
         // The executor requires a fallback on the same parent disk.
         assert_eq!(
             cbt.nbd_fallback.as_ref().unwrap().parent_disk_key,
             cbt.parent_disk_key
         );
+    }
+
+    #[test]
+    fn touched_chunks_with_parent_data_are_read_whole() {
+        const MIB: u64 = 1 << 20;
+        // 3.5 MiB disk of 1 MiB chunks: chunk 1 and 3 hold data in the parent.
+        let mut index = FixedIndex::zeroed(3 * MIB + MIB / 2, MIB as u32);
+        index.ids[1] = xenvault_repo::ChunkId([7; 32]);
+        index.ids[3] = xenvault_repo::ChunkId([9; 32]);
+        let k = 64 * 1024;
+        let ranges = vec![
+            k..2 * k,                     // chunk 0 (zero parent): as is
+            MIB + 3 * k..MIB + 4 * k,     // chunk 1: whole
+            MIB + 8 * k..2 * MIB + k,     // chunk 1 (whole) then chunk 2 (zero parent)
+            3 * MIB + k..3 * MIB + 2 * k, // chunk 3 (last, short): whole
+        ];
+        assert_eq!(
+            widen_to_chunks(&ranges, &index),
+            vec![k..2 * k, MIB..2 * MIB + k, 3 * MIB..3 * MIB + MIB / 2]
+        );
+        // Without data anywhere in the parent nothing is widened.
+        let empty = FixedIndex::zeroed(4 * MIB, MIB as u32);
+        assert_eq!(widen_to_chunks(&ranges, &empty), ranges);
     }
 }

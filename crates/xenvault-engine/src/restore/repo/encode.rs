@@ -83,20 +83,30 @@ impl BlockingDisk {
         }
     }
 
-    /// The extents (cut at `end`) that start before `end`.
+    /// The next extent if it starts before `end` (cut at `end`; the rest is
+    /// kept for the next call), else `None`.
+    pub(crate) fn next_before(&mut self, end: u64) -> io::Result<Option<Extent>> {
+        match self.next()? {
+            None => Ok(None),
+            Some(e) if e.offset >= end => {
+                self.carry = Some(e);
+                Ok(None)
+            }
+            Some(e) if e.end() > end => {
+                let (head, tail) = split_extent(e, end);
+                self.carry = Some(tail);
+                Ok(Some(head))
+            }
+            Some(e) => Ok(Some(e)),
+        }
+    }
+
+    /// The extents (cut at `end`) that start before `end`, collected: for
+    /// short ranges only (one VHD block); stream longer ones with
+    /// [`BlockingDisk::next_before`].
     pub(crate) fn take_until(&mut self, end: u64) -> io::Result<Vec<Extent>> {
         let mut out = Vec::new();
-        while let Some(e) = self.next()? {
-            if e.offset >= end {
-                self.carry = Some(e);
-                break;
-            }
-            if e.end() > end {
-                let (head, tail) = split_extent(e, end);
-                out.push(head);
-                self.carry = Some(tail);
-                break;
-            }
+        while let Some(e) = self.next_before(end)? {
             out.push(e);
         }
         Ok(out)
@@ -135,7 +145,7 @@ pub(crate) fn raw_pieces(
     emit: &mut dyn FnMut(Bytes) -> io::Result<()>,
 ) -> io::Result<u64> {
     let mut done = 0u64;
-    for e in disk.take_until(size)? {
+    while let Some(e) = disk.next_before(size)? {
         if e.offset > done {
             emit_zeros(e.offset - done, emit)?;
         }
@@ -149,6 +159,60 @@ pub(crate) fn raw_pieces(
         emit_zeros(size - done, emit)?;
     }
     Ok(size)
+}
+
+/// Length of the `chunked` upload of the chunks `chunks` (see
+/// [`chunked_pieces`]).
+pub fn chunked_len(index: &FixedIndex, chunks: &[u64]) -> u64 {
+    chunks
+        .iter()
+        .map(|&c| CHUNKED_HEADER + index.chunk_range(c).1)
+        .sum::<u64>()
+        + CHUNKED_HEADER
+}
+
+/// Bytes of a `chunked` piece header.
+const CHUNKED_HEADER: u64 = 12;
+
+/// XAPI's `chunked` framing of raw data for `/import_raw_vdi?chunked`:
+/// per piece `{u64 offset LE, u32 length LE}` then the bytes, and `{0, 0}`
+/// at the end (xapi-facts §3.5; xen-api `ocaml/vhd-tool/src/chunked.ml`).
+/// One piece per chunk of `chunk_size` (zeros written out), so the length
+/// is [`chunked_len`]. Returns the bytes produced.
+pub(crate) fn chunked_pieces(
+    disk: &mut BlockingDisk,
+    chunk_size: u64,
+    emit: &mut dyn FnMut(Bytes) -> io::Result<()>,
+) -> io::Result<u64> {
+    let mut done = 0u64;
+    while let Some(mut e) = disk.next()? {
+        loop {
+            let boundary = (e.offset / chunk_size + 1) * chunk_size;
+            let (piece, rest) = if e.end() > boundary {
+                let (a, b) = split_extent(e, boundary);
+                (a, Some(b))
+            } else {
+                (e, None)
+            };
+            let len = u32::try_from(piece.len())
+                .map_err(|_| io::Error::other("a chunk larger than 4 GiB"))?;
+            let mut header = Vec::with_capacity(CHUNKED_HEADER as usize);
+            header.extend_from_slice(&piece.offset.to_le_bytes());
+            header.extend_from_slice(&len.to_le_bytes());
+            emit(Bytes::from(header))?;
+            match piece.data {
+                ExtentData::Data(d) => emit(Bytes::from(d))?,
+                ExtentData::Zero(n) => emit_zeros(n, emit)?,
+            }
+            done += CHUNKED_HEADER + u64::from(len);
+            match rest {
+                Some(r) => e = r,
+                None => break,
+            }
+        }
+    }
+    emit(Bytes::from_static(&[0u8; CHUNKED_HEADER as usize]))?;
+    Ok(done + CHUNKED_HEADER)
 }
 
 /// The VHD blocks of `block_size` holding a chunk with data (a non-zero id).
@@ -236,7 +300,7 @@ pub(crate) fn vhd_pieces(
     emit(Bytes::from(prologue))?;
     while let Some(b) = enc.next_block() {
         let start = u64::from(b) * bs;
-        for skipped in disk.take_until(start)? {
+        while let Some(skipped) = disk.next_before(start)? {
             if let ExtentData::Data(d) = &skipped.data
                 && !xenvault_types::extent::is_all_zero(d)
             {
@@ -365,7 +429,7 @@ pub(crate) fn xva_pieces(
                 parallel,
                 failure.clone(),
             )?;
-            for e in disk.take_until(xdisk.virtual_size)? {
+            while let Some(e) = disk.next_before(xdisk.virtual_size)? {
                 sink(e)?;
             }
             Ok(())

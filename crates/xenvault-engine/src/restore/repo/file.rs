@@ -65,6 +65,10 @@ pub struct FileRestoreOptions {
     pub disk: Option<DiskSelector>,
     /// Replace an existing file.
     pub overwrite: bool,
+    /// Flush the file to disk (`fsync`) before renaming it into place
+    /// (default true: a crash never leaves a complete-looking but partial
+    /// file). Off, the restore is faster and the OS writes the data later.
+    pub sync: bool,
     /// Chunks fetched at once.
     pub parallel: usize,
     /// Stops the restore when set (the temporary file is removed).
@@ -79,6 +83,7 @@ impl FileRestoreOptions {
             format,
             disk: None,
             overwrite: false,
+            sync: true,
             parallel: DEFAULT_PARALLEL,
             cancel: Cancel::default(),
         }
@@ -232,6 +237,7 @@ pub async fn restore_repo_to_file(
             (failure.clone(), progress.clone(), options.cancel.clone());
         let (tmp, path) = (tmp.clone(), path.clone());
         let parallel = options.parallel.max(1);
+        let sync = options.sync;
         let handle = Handle::current();
         tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let file = File::create(&tmp)?;
@@ -248,7 +254,7 @@ pub async fn restore_repo_to_file(
                     let mut disk = BlockingDisk::open(
                         handle, &repo, &manifest, &key, None, parallel, failure,
                     )?;
-                    for e in disk.take_until(size)? {
+                    while let Some(e) = disk.next_before(size)? {
                         cancelled(&cancel)?;
                         // Zero chunks stay holes of the sparse file.
                         if let ExtentData::Data(d) = &e.data {
@@ -256,7 +262,9 @@ pub async fn restore_repo_to_file(
                         }
                         report(e.end());
                     }
-                    file.sync_all()?;
+                    if sync {
+                        file.sync_all()?;
+                    }
                     size
                 }
                 Plan::Vhd { key, enc, .. } => {
@@ -274,7 +282,9 @@ pub async fn restore_repo_to_file(
                     })?;
                     out.flush()?;
                     drop(out);
-                    file.sync_all()?;
+                    if sync {
+                        file.sync_all()?;
+                    }
                     n
                 }
                 Plan::Xva { ova, disks } => {
@@ -300,12 +310,15 @@ pub async fn restore_repo_to_file(
                     )?;
                     out.flush()?;
                     drop(out);
-                    file.sync_all()?;
+                    if sync {
+                        file.sync_all()?;
+                    }
                     n
                 }
             };
             std::fs::rename(&tmp, &path)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            if sync
+                && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
                 && let Ok(d) = File::open(dir)
             {
                 let _ = d.sync_all();

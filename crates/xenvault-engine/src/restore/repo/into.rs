@@ -22,7 +22,8 @@ use xenvault_xapi::records::{NetworkPurpose, PowerState, Vdi, VdiRef, VdiType};
 use xenvault_xapi::task::WaitOptions;
 
 use super::encode::{
-    BlockingDisk, VHD_BLOCK_SIZE, sparse_overlay_vhd, vhd_blocks_of_chunks, vhd_pieces,
+    BlockingDisk, VHD_BLOCK_SIZE, chunked_len, chunked_pieces, sparse_overlay_vhd,
+    vhd_blocks_of_chunks, vhd_pieces,
 };
 use super::pool::put_raw_vdi;
 use super::{DEFAULT_PARALLEL, RepoFailure, point_label, select_disk};
@@ -104,8 +105,12 @@ pub struct RestoredInto {
     pub zero_chunks_written: u64,
     /// Disk bytes written (the differing chunks).
     pub bytes_written: u64,
-    /// Bytes sent (the VHD).
+    /// Bytes sent (the VHD, or the `chunked` raw pieces).
     pub bytes_sent: u64,
+    /// How the chunks were sent: `vhd` (a sparse VHD), `chunked` (raw
+    /// pieces in XAPI's `chunked` framing, for disks XAPI takes no VHD of),
+    /// or empty when nothing differed.
+    pub upload_format: String,
     /// Bytes read from the VDI for the comparison.
     pub bytes_read: u64,
     /// Wall time, seconds.
@@ -316,7 +321,9 @@ async fn ids_over_nbd(
     let size = hasher.size;
     let mut read = 0u64;
     {
-        let mut stream = reader.read_ranges(std::iter::once(0..size));
+        // xapi-nbd takes whole sectors only (the export's end excepted).
+        let end = size.next_multiple_of(512).min(reader.size().max(size));
+        let mut stream = reader.read_ranges(std::iter::once(0..end));
         while let Some(next) = stream.next().await {
             if cancel.is_cancelled() {
                 return Err(RestoreError::Cancelled);
@@ -484,6 +491,7 @@ pub async fn restore_repo_disk_into(
         zero_chunks_written,
         bytes_written,
         bytes_sent: 0,
+        upload_format: String::new(),
         bytes_read,
         seconds: 0.0,
     };
@@ -492,13 +500,25 @@ pub async fn restore_repo_disk_into(
         return Ok(result);
     }
 
-    // 3. The differing chunks, as a sparse VHD.
-    let blocks = vhd_blocks_of_chunks(&index, differing.iter().copied(), VHD_BLOCK_SIZE);
-    let enc = sparse_overlay_vhd(disk.size, &blocks).map_err(|reason| RestoreError::Unusable {
-        dir: label.clone().into(),
-        reason,
-    })?;
-    let len = enc.total_len();
+    // 3. The differing chunks, as a sparse VHD; where XAPI takes no VHD
+    // (over 2040 GiB, or a size that is not whole sectors) as raw pieces
+    // in XAPI's `chunked` framing.
+    let vhd_possible =
+        disk.size.is_multiple_of(512) && disk.size <= xenvault_formats::vhd::MAX_WRITE_VIRTUAL_SIZE;
+    let (enc, len) = if vhd_possible {
+        let blocks = vhd_blocks_of_chunks(&index, differing.iter().copied(), VHD_BLOCK_SIZE);
+        let enc =
+            sparse_overlay_vhd(disk.size, &blocks).map_err(|reason| RestoreError::Unusable {
+                dir: label.clone().into(),
+                reason,
+            })?;
+        let len = enc.total_len();
+        (Some(enc), len)
+    } else {
+        (None, chunked_len(&index, &differing))
+    };
+    let upload_format = if enc.is_some() { "vhd" } else { "chunked" };
+    let chunk_size = u64::from(index.chunk_size);
     let failure = RepoFailure::default();
     let body = {
         let (repo, manifest, key) = (repo.clone(), manifest.clone(), disk.key.clone());
@@ -516,7 +536,7 @@ pub async fn restore_repo_disk_into(
                 failure,
             )?;
             let mut done = 0u64;
-            let produced = vhd_pieces(&mut reader, enc, &mut |piece: Bytes| {
+            let mut emit = |piece: Bytes| {
                 done += piece.len() as u64;
                 send(tx, piece)?;
                 progress(RestoreProgress {
@@ -525,7 +545,11 @@ pub async fn restore_repo_disk_into(
                     total: len,
                 });
                 Ok(())
-            })?;
+            };
+            let produced = match enc {
+                Some(enc) => vhd_pieces(&mut reader, enc, &mut emit)?,
+                None => chunked_pieces(&mut reader, chunk_size, &mut emit)?,
+            };
             if produced != len {
                 return Err(std::io::Error::other(format!(
                     "{produced} bytes produced where {len} were announced"
@@ -545,7 +569,11 @@ pub async fn restore_repo_disk_into(
         pool,
         &label,
         &vdi_ref,
-        "vhd",
+        if upload_format == "vhd" {
+            &[("format", "vhd")]
+        } else {
+            &[("format", "raw"), ("chunked", "true")]
+        },
         body,
         len,
         &what,
@@ -559,6 +587,7 @@ pub async fn restore_repo_disk_into(
         e
     })?;
     result.bytes_sent = len;
+    result.upload_format = upload_format.to_string();
     result.seconds = started_at.elapsed().as_secs_f64();
     Ok(result)
 }

@@ -390,14 +390,15 @@ async fn fill_disks(
     Ok(restored)
 }
 
-/// Sends `body` (exactly `len` bytes, in `format`) into `vdi` through
-/// `PUT /import_raw_vdi` inside a task, and waits for XAPI to finish.
+/// Sends `body` (exactly `len` bytes, in the format `query` says:
+/// `format=…`, maybe `chunked`) into `vdi` through `PUT /import_raw_vdi`
+/// inside a task, and waits for XAPI to finish.
 #[allow(clippy::too_many_arguments)] // one upload, described in full
 pub(crate) async fn put_raw_vdi(
     pool: &PoolConnection,
     label: &str,
     vdi: &VdiRef,
-    format: &str,
+    query: &[(&str, &str)],
     body: BoxStream<'static, std::io::Result<Bytes>>,
     len: u64,
     what: &str,
@@ -414,7 +415,7 @@ pub(crate) async fn put_raw_vdi(
         "/import_raw_vdi",
         session.session_ref().expose(),
         Some(task.id()),
-        &[("vdi", vdi.as_str()), ("format", format)],
+        &[&[("vdi", vdi.as_str())], query].concat(),
     );
     let sent = pool.transfer.put(url, body, len).await;
     progress(RestoreProgress {
@@ -547,7 +548,7 @@ async fn upload_disk(
         pool,
         &label,
         vdi,
-        format.as_str(),
+        &[("format", format.as_str())],
         body,
         len,
         &what,
