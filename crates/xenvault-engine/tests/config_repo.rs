@@ -204,7 +204,7 @@ fn where_the_repository_is() {
         "[targets.r]\ntype = \"repository\"\nurl = \"s3://Bad_Bucket\"\n[targets.r.s3]\n",
         3,
         "targets.r.url",
-        "valid S3 bucket",
+        "a bucket name has 3 to 63 characters",
     );
     expect_error(
         "[targets.r]\ntype = \"repository\"\nurl = \"s3://bkt/p\"\n",
@@ -222,7 +222,7 @@ fn where_the_repository_is() {
         "[targets.r]\ntype = \"repository\"\nurl = \"sftp://h:x/d\"\n[targets.r.sftp]\nkey-file = \"id_ed25519\"\n",
         3,
         "targets.r.url",
-        "not a port number",
+        "the port is not a number from 1 to 65535",
     );
     expect_error(
         "[targets.r]\ntype = \"repository\"\npath = \"/x\"\n[targets.r.s3]\nregion = \"x\"\n",

@@ -58,84 +58,32 @@ pub enum RepositoryLocation {
 }
 
 /// Parses a repository URL: `s3://bucket[/prefix]` or
-/// `sftp://[user@]host[:port]/dir`. The error says what is wrong and how to write it.
+/// `sftp://[user@]host[:port]/dir`, with the storage layer's parser (the one
+/// that opens it), so the loader and the backends never disagree. The error
+/// says what is wrong and how to write it.
 pub fn parse_repository_url(url: &str) -> Result<RepositoryLocation, String> {
-    let url = url.trim();
-    if let Some(rest) = url.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let valid_bucket = (3..=63).contains(&bucket.len())
-            && bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        if !valid_bucket {
-            return Err(format!(
-                "{url:?} does not name a valid S3 bucket (3 to 63 characters of a-z 0-9 . -); write s3://BUCKET or s3://BUCKET/PREFIX"
-            ));
-        }
-        let prefix = prefix.trim_matches('/');
-        if prefix.split('/').any(|s| s == ".." || s == ".") {
-            return Err(format!(
-                "{url:?}: the prefix must not contain . or .. segments; write s3://BUCKET/PREFIX"
-            ));
-        }
-        return Ok(RepositoryLocation::S3 {
-            bucket: bucket.to_string(),
-            prefix: prefix.to_string(),
-        });
-    }
-    if let Some(rest) = url.strip_prefix("sftp://") {
-        let (authority, dir) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (user, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) if !u.is_empty() => (Some(u.to_string()), h),
-            Some(_) => {
-                return Err(format!(
-                    "{url:?}: empty user before @; write sftp://USER@HOST/DIR or leave the user out"
-                ));
-            }
-            None => (None, authority),
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or_else(|| {
-                format!("{url:?}: unclosed [ in the host; write sftp://[::1]:22/DIR")
-            })?;
-            (h, after.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (hostport, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!(
-                "{url:?} names no host; write sftp://USER@HOST[:PORT]/DIR"
-            ));
-        }
-        let port = match port {
-            None => 22,
-            Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-                format!("{url:?}: port {p:?} is not a port number; write e.g. sftp://HOST:2222/DIR")
-            })?,
-        };
-        return Ok(RepositoryLocation::Sftp {
+    use xenvault_repo::storage::{TargetUrl, parse_target_url};
+    let parsed = parse_target_url(url.trim()).map_err(|e| {
+        format!(
+            "{}; write s3://BUCKET[/PREFIX] or sftp://[USER@]HOST[:PORT]/DIR \
+             (or path = \"…\" for a local directory)",
+            e.message
+        )
+    })?;
+    match parsed {
+        TargetUrl::S3 { bucket, prefix } => Ok(RepositoryLocation::S3 { bucket, prefix }),
+        TargetUrl::Sftp {
             user,
-            host: host.to_string(),
+            host,
             port,
-            dir: dir.to_string(),
-        });
+            dir,
+        } => Ok(RepositoryLocation::Sftp {
+            user: Some(user).filter(|u| !u.is_empty()),
+            host,
+            port,
+            dir,
+        }),
     }
-    let scheme = url.split_once("://").map_or("", |(s, _)| s);
-    Err(if scheme.is_empty() {
-        format!(
-            "{url:?} is not a URL; for a local directory write path = \"…\" instead, else s3://BUCKET/PREFIX or sftp://USER@HOST/DIR"
-        )
-    } else {
-        format!(
-            "the scheme {scheme}:// is not supported; write s3://BUCKET/PREFIX or sftp://USER@HOST/DIR (or path = \"…\" for a local directory)"
-        )
-    })
 }
 
 /// The location of a repository target (after the loader checked it).

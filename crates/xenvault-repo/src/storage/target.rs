@@ -124,7 +124,13 @@ pub fn parse_target_url(url: &str) -> Result<TargetUrl, StorageError> {
             dir,
         });
     }
-    Err(url_error(url, "unknown scheme"))
+    Err(match url.split_once("://") {
+        Some((scheme, _)) => url_error(url, &format!("the scheme {scheme}:// is not supported")),
+        None => url_error(
+            url,
+            "not a URL (for a local directory, write path = \"…\" instead of url)",
+        ),
+    })
 }
 
 /// The S3 options of a target whose url is `s3://bucket/prefix`.
