@@ -390,7 +390,7 @@ impl Bench {
             // Touched chunks are read whole where the parent chunk holds data
             // (ADR 0009): between the changed blocks and one chunk per block.
             let least = changed.len() as u64 * BLOCK;
-            let most = changed.len() as u64 * u64::from(run.chunk_size);
+            let most = changed.len() as u64 * run.chunk_size;
             if r.bytes < least || r.bytes > most {
                 bail!(
                     "the incremental read {} bytes; {} blocks of 64 KiB were written \
