@@ -6,6 +6,7 @@
 
 mod repo;
 mod sim;
+mod splice;
 
 use std::path::PathBuf;
 

@@ -73,20 +73,110 @@ pub struct RunOptions {
     pub today: Weekday,
     /// Progress observer.
     pub progress: Arc<dyn Progress>,
+    /// Stops the run early when cancelled (the CLI cancels it on SIGINT or
+    /// SIGTERM): see [`Cancel`].
+    pub cancel: Cancel,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            today: today_utc(),
+            today: today(),
             progress: Arc::new(NoProgress),
+            cancel: Cancel::new(),
         }
     }
 }
 
-/// Today's weekday (UTC).
-pub fn today_utc() -> Weekday {
-    Weekday::from(OffsetDateTime::now_utc().weekday())
+/// A request to stop a run before its end (e.g. a signal), shared between
+/// whoever asks (the CLI's signal handler) and [`run_job`].
+///
+/// When cancelled, the run starts no more VMs and stops the running ones
+/// at their next await point (only once the snapshot they may be creating
+/// is journaled); what they created is destroyed by the run's closing sweep
+/// as usual, their partial archive or restore point is abandoned (never
+/// committed), and they are reported failed with the reason given here.
+/// Pool metadata, host backups and retention are skipped; the closing
+/// sweep, the run log, the JSON report and the email still happen.
+#[derive(Debug, Clone)]
+pub struct Cancel {
+    reason: Arc<tokio::sync::watch::Sender<Option<String>>>,
+}
+
+impl Default for Cancel {
+    fn default() -> Self {
+        Cancel::new()
+    }
+}
+
+impl Cancel {
+    /// A request that was not made yet.
+    pub fn new() -> Cancel {
+        Cancel {
+            reason: Arc::new(tokio::sync::watch::Sender::new(None)),
+        }
+    }
+
+    /// Asks the run to stop, saying why ("interrupted by SIGINT"). Only the
+    /// first reason counts.
+    pub fn cancel(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.reason.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Why the run was asked to stop, if it was.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.borrow().clone()
+    }
+
+    /// Whether the run was asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.reason.borrow().is_some()
+    }
+
+    /// Completes once the run is asked to stop (at once if it was).
+    pub async fn cancelled(&self) {
+        let mut rx = self.reason.subscribe();
+        // The sender lives in `self`: `wait_for` cannot see it closed.
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+}
+
+/// The machine's UTC offset, read once by [`init_local_offset`].
+static LOCAL_OFFSET: std::sync::OnceLock<time::UtcOffset> = std::sync::OnceLock::new();
+
+/// Reads the machine's UTC offset (from `TZ` or `/etc/localtime`). Call it
+/// at the start of `main`, before any thread starts: the `time` crate refuses
+/// to read the offset in a multi-threaded process. Without it (or when the
+/// offset cannot be read, which is logged) weekdays are taken in UTC.
+pub fn init_local_offset() {
+    let offset = match time::UtcOffset::current_local_offset() {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!("cannot read the local time zone ({e}); weekdays are taken in UTC");
+            time::UtcOffset::UTC
+        }
+    };
+    let _ = LOCAL_OFFSET.set(offset);
+}
+
+/// Today's weekday in the machine's time zone (what a weekday file means by
+/// "Monday"), or in UTC when [`init_local_offset`] was not called.
+pub fn today() -> Weekday {
+    let offset = LOCAL_OFFSET.get().copied().unwrap_or(time::UtcOffset::UTC);
+    weekday_at(OffsetDateTime::now_utc(), offset)
+}
+
+/// The weekday of the instant `now` on clocks at `offset` from UTC.
+fn weekday_at(now: OffsetDateTime, offset: time::UtcOffset) -> Weekday {
+    Weekday::from(now.to_offset(offset).weekday())
 }
 
 /// A fresh run id: `YYYYMMDDTHHMMSSZ-xxxxxxxx`.
@@ -520,53 +610,93 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         let target_dir = target_dir.clone();
         let pre_clean = job_cfg.pre_clean;
         let run_id = run_id.clone();
+        let cancel = options.cancel.clone();
+        let progress = options.progress.clone();
         handles.push((
             i,
             tokio::spawn(async move {
-                let _slot = concurrency.acquire_owned().await;
-                let _host_slot = match vm.host.as_ref().and_then(|h| per_host.get(h)) {
-                    Some(s) => Some(s.clone().acquire_owned().await),
-                    None => None,
+                let slots = async {
+                    let slot = concurrency.acquire_owned().await;
+                    let host_slot = match vm.host.as_ref().and_then(|h| per_host.get(h)) {
+                        Some(s) => Some(s.clone().acquire_owned().await),
+                        None => None,
+                    };
+                    (slot, host_slot)
                 };
-                // Make room first when asked (NAUbackup's pre_clean).
-                let mut notes = Vec::new();
-                if pre_clean && repo_p.is_none() {
-                    notes.extend(pre_clean_vm(&target_dir, &vm, &run_id).await);
+                let (_slot, _host_slot) = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => {
+                        return (interrupted_vm(&vm, None, &cancel, progress.as_ref()), true);
+                    }
+                    slots = slots => slots,
+                };
+                if cancel.is_cancelled() {
+                    return (interrupted_vm(&vm, None, &cancel, progress.as_ref()), true);
                 }
-                // Free space, measured now (local targets).
-                if !target_dir.as_os_str().is_empty()
-                    && let Ok(free) = preflight::free_space(&target_dir)
-                {
-                    let c = preflight::check_free_space(&vm.name, free, vm.estimate, reserved);
-                    if c.failed() {
-                        let mut r = VmReport::skipped(&vm.name, &vm.uuid, c.detail);
-                        r.notes = notes;
+                let started = OffsetDateTime::now_utc();
+                let run = p.run.clone();
+                let work = async {
+                    // Make room first when asked (NAUbackup's pre_clean).
+                    let mut notes = Vec::new();
+                    if pre_clean && repo_p.is_none() {
+                        notes.extend(pre_clean_vm(&target_dir, &vm, &run_id).await);
+                    }
+                    // Free space, measured now (local targets).
+                    if !target_dir.as_os_str().is_empty()
+                        && let Ok(free) = preflight::free_space(&target_dir)
+                    {
+                        let c = preflight::check_free_space(&vm.name, free, vm.estimate, reserved);
+                        if c.failed() {
+                            let mut r = VmReport::skipped(&vm.name, &vm.uuid, c.detail);
+                            r.notes = notes;
+                            return r;
+                        }
+                    }
+                    let task = VmTask {
+                        vm_ref: vm.vm_ref.clone(),
+                        vm_uuid: vm.uuid.clone(),
+                        name: vm.name.clone(),
+                        mode: vm.mode,
+                        disks: vm.disks,
+                        compression: vm.compression,
+                    };
+                    if let Some(rp) = repo_p {
+                        let mut r = repo_vm(&rp, &task, &vm).await;
+                        r.notes.extend(notes);
                         return r;
                     }
-                }
-                let task = VmTask {
-                    vm_ref: vm.vm_ref.clone(),
-                    vm_uuid: vm.uuid.clone(),
-                    name: vm.name.clone(),
-                    mode: vm.mode,
-                    disks: vm.disks,
-                    compression: vm.compression,
-                };
-                if let Some(rp) = repo_p {
-                    let mut r = repo_vm(&rp, &task, &vm).await;
+                    let result = backup::backup_vm(&p, &task).await;
+                    let mut r = vm_report(&vm.name, &vm.uuid, &result);
                     r.notes.extend(notes);
-                    return r;
+                    r
+                };
+                let mut work = std::pin::pin!(work);
+                tokio::select! {
+                    r = &mut work => return (r, false),
+                    () = cancel.cancelled() => {}
                 }
-                let result = backup::backup_vm(&p, &task).await;
-                let mut r = vm_report(&vm.name, &vm.uuid, &result);
-                r.notes.extend(notes);
-                r
+                // Stopped: the work is dropped at its current await point,
+                // once a snapshot it may be creating is journaled (the
+                // closing sweep finds only journaled snapshots).
+                if let Some(r) = until_snapshot_journaled(work, &run, &vm.uuid).await {
+                    return (r, false);
+                }
+                (
+                    interrupted_vm(&vm, Some(started), &cancel, progress.as_ref()),
+                    true,
+                )
             }),
         ));
     }
+    let mut interrupted_vms = Vec::new();
     for (i, h) in handles {
         let r = match h.await {
-            Ok(r) => r,
+            Ok((r, interrupted)) => {
+                if interrupted {
+                    interrupted_vms.push(i);
+                }
+                r
+            }
             Err(e) => {
                 let vm = &plan.vms[i];
                 let mut r = VmReport::skipped(&vm.name, &vm.uuid, "");
@@ -576,6 +706,21 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         };
         vm_reports[i] = Some(r);
     }
+    // The temporaries of the stopped VMs, destroyed now (by journal token,
+    // as the closing sweep would) so that each VM's report says what
+    // became of its own.
+    for i in interrupted_vms {
+        let vm = &plan.vms[i];
+        let Some(view) = views.iter().find(|v| v.name == vm.pool) else {
+            continue;
+        };
+        let (cleanup, notes) =
+            cleanup_stopped_vm(&view.session, &journal, &view.name, &run_id, &vm.uuid).await;
+        if let Some(Some(r)) = vm_reports.get_mut(i) {
+            r.cleanup = cleanup;
+            r.notes.extend(notes);
+        }
+    }
     report.vms = vm_reports.into_iter().flatten().collect();
     for vm in &report.vms {
         if let CleanupOutcome::Failed { reason } = &vm.cleanup {
@@ -583,8 +728,16 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         }
     }
 
-    // 4. Pool metadata and host backups (archive targets).
-    if repository.is_some() && (job_cfg.pool_metadata.is_some() || job_cfg.host_backup.is_some()) {
+    // 4. Pool metadata and host backups (archive targets); not after a stop.
+    let cancel = &options.cancel;
+    let mut skipped_steps: Vec<&str> = Vec::new();
+    if cancel.is_cancelled() {
+        if job_cfg.pool_metadata.is_some() || job_cfg.host_backup.is_some() {
+            skipped_steps.push("pool metadata and host backups");
+        }
+    } else if repository.is_some()
+        && (job_cfg.pool_metadata.is_some() || job_cfg.host_backup.is_some())
+    {
         report.problems.push(format!(
             "target {}: pool metadata and host backups are not stored in repository targets; back them up with a job whose target is an archive",
             job_cfg.target
@@ -595,22 +748,22 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
                 continue;
             };
             if job_cfg.pool_metadata.is_some() {
-                let r = extra::pool_metadata(p).await;
-                report
-                    .pool_metadata
-                    .push(item_report(ItemKind::PoolMetadata, &v.name, None, &r));
+                let item = tokio::select! {
+                    r = extra::pool_metadata(p) => item_report(ItemKind::PoolMetadata, &v.name, None, &r),
+                    () = cancel.cancelled() => interrupted_item(ItemKind::PoolMetadata, &v.name, None, cancel),
+                };
+                report.pool_metadata.push(item);
             }
             if job_cfg.host_backup.is_some() {
                 match v.session.host().get_all_records().await {
                     Ok(hosts) => {
                         for host in hosts.values() {
-                            let r = extra::host_backup(p, host).await;
-                            report.hosts.push(item_report(
-                                ItemKind::HostBackup,
-                                &host.name_label,
-                                Some(host.uuid.clone()),
-                                &r,
-                            ));
+                            let uuid = Some(host.uuid.clone());
+                            let item = tokio::select! {
+                                r = extra::host_backup(p, host) => item_report(ItemKind::HostBackup, &host.name_label, uuid, &r),
+                                () = cancel.cancelled() => interrupted_item(ItemKind::HostBackup, &host.name_label, uuid, cancel),
+                            };
+                            report.hosts.push(item);
                         }
                     }
                     Err(e) => report
@@ -621,9 +774,27 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         }
     }
 
-    // 5. Retention (repository targets: after each VM, see `repo_vm`).
+    // 5. Retention (repository targets: after each VM, see `repo_vm`); not
+    //    after a stop.
     if !plan.target_failed() && repository.is_none() {
-        apply_retention(&target_dir, job_cfg, &plan, &run_id, &views, &mut report).await;
+        if cancel.is_cancelled() {
+            skipped_steps.push("retention");
+        } else {
+            apply_retention(&target_dir, job_cfg, &plan, &run_id, &views, &mut report).await;
+        }
+    }
+    if let Some(why) = cancel.reason() {
+        let stopped = report
+            .vms
+            .iter()
+            .filter(|v| v.outcome.reason().is_some_and(|r| r.starts_with(&why)))
+            .count();
+        let mut line = format!("the run was {why}: {stopped} VM(s) stopped or not started");
+        if !skipped_steps.is_empty() {
+            line.push_str(&format!("; skipped: {}", skipped_steps.join(", ")));
+        }
+        report.problems.push(line);
+        report.interrupted = Some(why);
     }
 
     // 6. Closing sweep (this run's own leftovers included).
@@ -880,6 +1051,137 @@ async fn repo_vm(rp: &RepoPipeline, task: &VmTask, vm: &plan::VmPlan) -> VmRepor
     r
 }
 
+/// How long a stopped VM's work may go on so that a snapshot it is
+/// creating (`VM.snapshot` in flight) gets journaled.
+const SNAPSHOT_JOURNAL_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Whether this run's journal holds an intent for `vm_uuid` whose snapshot
+/// is not recorded yet (its `VM.snapshot` may be in flight). A journal that
+/// cannot be read counts as "no" (logged).
+fn snapshot_in_flight(run: &RunContext, vm_uuid: &str) -> bool {
+    match run.journal.outstanding(Some(&run.pool)) {
+        Ok(open) => open
+            .iter()
+            .any(|o| o.run_id == run.run_id && o.source_vm == vm_uuid && o.snapshot.is_none()),
+        Err(e) => {
+            tracing::warn!("VM {vm_uuid}: cannot read the journal while stopping: {e}");
+            false
+        }
+    }
+}
+
+/// Goes on with a stopped VM's `work` while a snapshot it is creating is
+/// not journaled yet (a snapshot created after the closing sweep would be
+/// left on the pool), at most [`SNAPSHOT_JOURNAL_LIMIT`]. `Some` when the
+/// work ended meanwhile (its own report stands).
+async fn until_snapshot_journaled<F: std::future::Future<Output = VmReport>>(
+    mut work: std::pin::Pin<&mut F>,
+    run: &RunContext,
+    vm_uuid: &str,
+) -> Option<VmReport> {
+    let deadline = tokio::time::Instant::now() + SNAPSHOT_JOURNAL_LIMIT;
+    while snapshot_in_flight(run, vm_uuid) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "VM {vm_uuid}: its snapshot was still being created {} s after the stop; the next run's sweep removes it",
+                SNAPSHOT_JOURNAL_LIMIT.as_secs()
+            );
+            return None;
+        }
+        tokio::select! {
+            r = work.as_mut() => return Some(r),
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+    }
+    None
+}
+
+/// The report of a VM stopped by a [`Cancel`] (`started`: when its backup
+/// had started), told to the progress observer too.
+fn interrupted_vm(
+    vm: &plan::VmPlan,
+    started: Option<OffsetDateTime>,
+    cancel: &Cancel,
+    progress: &dyn Progress,
+) -> VmReport {
+    let why = cancel.reason().unwrap_or_else(|| "interrupted".to_string());
+    let reason = match started {
+        Some(_) => format!("{why}: stopped before its end, nothing of it was committed"),
+        None => format!("{why}: not started"),
+    };
+    let mut r = VmReport::skipped(&vm.name, &vm.uuid, "");
+    r.outcome = Outcome::failed(reason.clone());
+    r.started = started;
+    r.finished = Some(OffsetDateTime::now_utc());
+    progress.finished(&vm.name, Err(&reason));
+    r
+}
+
+/// Destroys what a stopped VM created on its pool during this run (its
+/// open journal tokens, as the closing sweep would) and says what became of
+/// it, with notes. Kept snapshots are not open tokens and stay: bases of
+/// committed restore points, and the snapshot a resume checkpoint of this
+/// run reads from (repository targets: the next run resumes from it
+/// without re-reading what was stored, then releases it), which a note
+/// names.
+async fn cleanup_stopped_vm(
+    session: &Session,
+    journal: &Journal,
+    pool: &str,
+    run_id: &str,
+    vm_uuid: &str,
+) -> (CleanupOutcome, Vec<String>) {
+    let mut notes = Vec::new();
+    match journal.kept(Some(pool)) {
+        Ok(kept) => {
+            for k in kept.iter().filter(|k| {
+                k.role == journal::KeepRole::Resume
+                    && k.token.run_id == run_id
+                    && k.token.source_vm == vm_uuid
+            }) {
+                notes.push(format!(
+                    "snapshot {} kept for the next run to resume from ({}); it is released once that run has committed",
+                    k.token.snapshot.as_deref().unwrap_or("?"),
+                    journal::TAG_RESUME
+                ));
+            }
+        }
+        Err(e) => notes.push(format!("cannot read the kept snapshots: {e}")),
+    }
+    let open = match journal.outstanding(Some(pool)) {
+        Ok(o) => o,
+        Err(e) => {
+            let failed = CleanupOutcome::Failed {
+                reason: format!("{e} (the closing sweep retries)"),
+            };
+            return (failed, notes);
+        }
+    };
+    let mut done = journal::CleanupReport::default();
+    for o in open
+        .iter()
+        .filter(|o| o.run_id == run_id && o.source_vm == vm_uuid)
+    {
+        let r = journal::destroy_token(session, journal, o).await;
+        done.destroyed_vms.extend(r.destroyed_vms);
+        done.destroyed_vdis.extend(r.destroyed_vdis);
+        done.errors.extend(r.errors);
+    }
+    let cleanup = if !done.errors.is_empty() {
+        CleanupOutcome::Failed {
+            reason: format!("{} (left for the next run's sweep)", done.errors.join("; ")),
+        }
+    } else if done.destroyed_vms.is_empty() && done.destroyed_vdis.is_empty() {
+        CleanupOutcome::NothingToClean
+    } else {
+        CleanupOutcome::Cleaned {
+            snapshots: done.destroyed_vms.len() as u32,
+            vdis: done.destroyed_vdis.len() as u32,
+        }
+    };
+    (cleanup, notes)
+}
+
 fn vm_report(name: &str, uuid: &str, r: &VmResult) -> VmReport {
     let cleanup = match &r.cleanup_error {
         Some(e) => CleanupOutcome::Failed {
@@ -923,6 +1225,29 @@ fn vm_report(name: &str, uuid: &str, r: &VmResult) -> VmReport {
     }
 }
 
+/// The report of a pool metadata or host backup stopped by a [`Cancel`]
+/// (its partial file is abandoned, never committed).
+fn interrupted_item(
+    kind: ItemKind,
+    name: &str,
+    uuid: Option<String>,
+    cancel: &Cancel,
+) -> ItemReport {
+    let why = cancel.reason().unwrap_or_else(|| "interrupted".to_string());
+    let now = OffsetDateTime::now_utc();
+    ItemReport {
+        kind,
+        name: name.to_string(),
+        uuid,
+        started: None,
+        finished: Some(now),
+        bytes: 0,
+        outcome: Outcome::failed(format!("{why}: stopped before its end")),
+        location: None,
+        pruned: Vec::new(),
+    }
+}
+
 fn item_report(kind: ItemKind, name: &str, uuid: Option<String>, r: &ArtifactResult) -> ItemReport {
     let (outcome, location, bytes) = match &r.outcome {
         Ok(c) => (
@@ -957,6 +1282,41 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), "20261122T035012Z-abcdef01".len());
         assert!(a.contains('T') && a.contains("Z-"));
+    }
+
+    #[test]
+    fn weekdays_follow_the_local_clock() {
+        // Sunday 23:30 UTC is already Monday in Sydney and still Sunday in New York.
+        let now = time::macros::datetime!(2026-11-22 23:30 UTC);
+        assert_eq!(weekday_at(now, time::UtcOffset::UTC), Weekday::Sunday);
+        assert_eq!(weekday_at(now, time::macros::offset!(+10)), Weekday::Monday);
+        assert_eq!(weekday_at(now, time::macros::offset!(-5)), Weekday::Sunday);
+    }
+
+    #[tokio::test]
+    async fn cancel_keeps_the_first_reason_and_wakes_waiters() {
+        let cancel = Cancel::new();
+        assert!(!cancel.is_cancelled());
+        assert_eq!(cancel.reason(), None);
+        let waiter = {
+            let c = cancel.clone();
+            tokio::spawn(async move { c.cancelled().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        cancel.cancel("interrupted by SIGINT");
+        cancel.cancel("interrupted by SIGTERM");
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(cancel.is_cancelled());
+        assert_eq!(cancel.reason().as_deref(), Some("interrupted by SIGINT"));
+        // Already cancelled: completes at once.
+        tokio::time::timeout(std::time::Duration::from_secs(5), cancel.cancelled())
+            .await
+            .unwrap();
+        assert!(RunOptions::default().cancel.reason().is_none());
     }
 
     #[test]

@@ -10,6 +10,11 @@
 //!    least `grace` after the mark: read the manifests again and delete the
 //!    marked objects that are still unreferenced.
 //!
+//! The sweep also removes temporary files older than the grace period
+//! ([`Storage::remove_stale_temporaries`](crate::storage::Storage::remove_stale_temporaries)):
+//! what crashed writes and unpublished chunk stages left behind (ADR 0008).
+//! They are never listed nor referenced, and no backup runs during the sweep.
+//!
 //! A backup that reused a marked chunk and committed before the sweep references
 //! it, so the sweep keeps it; a backup still running holds a shared lock, so the
 //! sweep waits. The grace period lets an interrupted backup resume and reuse what
@@ -70,6 +75,9 @@ pub struct PruneReport {
     pub deleted_indexes: u64,
     /// Marked chunks found referenced again at sweep time (kept).
     pub rescued_chunks: u64,
+    /// Temporary files of interrupted writes, older than the grace period,
+    /// removed by the sweep.
+    pub deleted_temporaries: u64,
     /// Why the sweep did not run, when it did not.
     pub sweep_deferred: Option<String>,
     /// Chunks recorded by the new mark.
@@ -224,6 +232,11 @@ impl Repository {
                     report.deleted_indexes += 1;
                 }
             }
+            // Leftovers of crashed runs: the exclusive lock keeps live writers
+            // away, the grace period is a second margin (a clock-skewed or
+            // lock-ignoring writer keeps its recent temporaries).
+            let older_than = std::time::SystemTime::from(now - opts.grace);
+            report.deleted_temporaries = self.storage.remove_stale_temporaries(older_than).await?;
             self.storage.delete(MARK_KEY).await?;
             Ok(())
         }

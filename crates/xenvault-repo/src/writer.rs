@@ -4,8 +4,17 @@
 //! them into fixed chunks aligned to disk offsets; each completed chunk goes to a
 //! task that hashes it (blocking thread), skips it when all zero or already stored
 //! (existence cache, then `stat`), else compresses and encrypts it (blocking
-//! thread) and stores it with `put_if_absent`. At most `max_in_flight` chunks are
-//! in flight per disk, so memory stays flat whatever the disk size.
+//! thread) and stages it ([`Storage::stage`](crate::storage::Storage::stage)).
+//! At most `max_in_flight` chunks are in flight per disk, so memory stays flat
+//! whatever the disk size.
+//!
+//! Staged chunks become durable and visible in one batch
+//! ([`Storage::publish`](crate::storage::Storage::publish), ADR 0008): before a
+//! disk's index is written ([`DiskWriter::finish`]), before a checkpoint is
+//! returned ([`DiskWriter::checkpoint`]: a resumed backup trusts its chunks
+//! after a mere `stat`) and when a restore point is aborted (its chunks stay
+//! for a later backup to reuse). So a chunk that can be found by name is always
+//! whole and durable, and nothing durable ever names a chunk that is not.
 //!
 //! An incremental disk starts from a copy of its parent's index; only the chunks
 //! touched by fed extents are recomputed, and a partly touched chunk is completed
@@ -399,12 +408,20 @@ impl RestorePointWriter {
         Ok(m)
     }
 
-    /// Gives up: releases the lock. Stored chunks and indexes stay until prune
-    /// removes them (a later backup may reuse the chunks).
+    /// Gives up: publishes the chunks staged so far, then releases the lock.
+    /// Stored chunks and indexes stay until prune removes them (a later backup
+    /// may reuse the chunks; a resumed one finds them by `stat`).
+    ///
+    /// Publishing rather than discarding: the backend's staged set is shared by
+    /// every writer of the process (other restore points may be running), so a
+    /// restore point cannot tell its staged chunks from theirs (ADR 0008).
+    /// Disk writers still running should be dropped first.
     pub async fn abort(mut self) -> Result<()> {
+        let published = self.repo.storage.publish().await;
         if let Some(lock) = self.lock.take() {
             lock.release().await?;
         }
+        published?;
         Ok(())
     }
 }
@@ -655,13 +672,15 @@ impl DiskWriter {
         Ok(())
     }
 
-    /// Waits until every chunk handed over so far is stored, then returns a
-    /// checkpoint (for resuming an interrupted backup). The chunk being
-    /// filled, if any, is not part of it. Writing continues normally after.
+    /// Waits until every chunk handed over so far is stored and published
+    /// (durable, visible by name), then returns a checkpoint (for resuming an
+    /// interrupted backup). The chunk being filled, if any, is not part of it.
+    /// Writing continues normally after.
     pub async fn checkpoint(&mut self) -> Result<DiskCheckpoint> {
         while !self.inflight.is_empty() {
             self.reap_one().await?;
         }
+        self.repo.storage.publish().await?;
         let done = match &self.cur {
             Some(p) => p.idx * self.chunk_size,
             None if self.pos >= self.index.disk_size => self.index.disk_size,
@@ -673,13 +692,16 @@ impl DiskWriter {
         })
     }
 
-    /// Completes the disk: waits for its chunks, writes its index, and registers
-    /// it with the restore point. Returns its manifest entry.
+    /// Completes the disk: waits for its chunks, publishes them (durable, then
+    /// visible), writes its index, and registers it with the restore point.
+    /// Returns its manifest entry.
     pub async fn finish(mut self) -> Result<DiskEntry> {
         self.flush_cur().await?;
         while !self.inflight.is_empty() {
             self.reap_one().await?;
         }
+        // The index names these chunks: they must be durable first.
+        self.repo.storage.publish().await?;
         self.stats.chunks = self.index.ids.len() as u64;
         self.stats.zero_chunks = self.index.ids.iter().filter(|i| i.is_zero()).count() as u64;
         self.repo.write_index(&self.index_key, &self.index).await?;
@@ -778,7 +800,7 @@ async fn process_chunk(
     let r = repo.clone();
     let blob = blocking(move || r.encode_chunk(&id, &buf)).await??;
     let n = blob.len() as u64;
-    let outcome = match repo.storage.put_if_absent(&key, Bytes::from(blob)).await {
+    let outcome = match repo.storage.stage(&key, Bytes::from(blob)).await {
         Ok(()) => Outcome::New(n),
         Err(e) if e.is_already_exists() => Outcome::Dedup,
         Err(e) => return Err(e.into()),

@@ -278,3 +278,34 @@ async fn a_broken_connection_is_reopened_by_the_retry() {
         .await
         .unwrap();
 }
+
+/// Temporaries of interrupted uploads are removed once old enough (ADR 0008);
+/// objects and recent temporaries stay.
+#[tokio::test]
+async fn sftp_stale_temporaries_are_removed() {
+    let Some(sshd) = sshd() else {
+        return;
+    };
+    let s = SftpStorage::new(sshd.options("temporaries")).unwrap();
+    s.put_if_absent("chunks/ab/ab01", Bytes::from_static(b"kept"))
+        .await
+        .unwrap();
+    let repo = sshd.dir.path().join("temporaries");
+    let old = repo.join("chunks/ab/.tmp-1-old");
+    let recent = repo.join(".tmp-1-recent");
+    std::fs::write(&old, b"torn").unwrap();
+    std::fs::write(&recent, b"torn").unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(hour_ago - Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(s.remove_stale_temporaries(hour_ago).await.unwrap(), 1);
+    assert!(!old.exists() && recent.exists());
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    assert_eq!(s.remove_stale_temporaries(later).await.unwrap(), 1);
+    assert!(!recent.exists());
+    assert_eq!(&s.get("chunks/ab/ab01").await.unwrap()[..], b"kept");
+}

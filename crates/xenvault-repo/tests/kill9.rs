@@ -96,6 +96,20 @@ async fn read_all(repo: &Repository, m: &Manifest) -> Vec<u8> {
     out
 }
 
+/// `.tmp-*` files anywhere under `dir`.
+fn temporaries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(temporaries(&e.path()));
+        } else if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
 fn prune_now() -> PruneOptions {
     PruneOptions {
         grace: Duration::ZERO,
@@ -307,10 +321,16 @@ async fn kill9_at_random_moments() {
     let parent = repo.latest_restore_point("vm").await.unwrap();
     let m = backup(&repo, next_first, parent.as_ref()).await;
     assert!(read_all(&repo, &m).await == image(next_first));
-    let now = OffsetDateTime::now_utc();
+    // Killed stages and writes leave `.tmp-*` files (never listed); the sweep
+    // removes them (ADR 0008).
+    let left = temporaries(dir.path());
+    let now = OffsetDateTime::now_utc() + Duration::from_secs(1);
     repo.prune_mark(now, prune_now()).await.unwrap();
     let r = repo.prune_sweep(now, prune_now()).await.unwrap();
     assert!(r.sweep_deferred.is_none(), "{:?}", r.sweep_deferred);
+    assert_eq!(r.deleted_temporaries, left.len() as u64, "{left:?}");
+    assert!(temporaries(dir.path()).is_empty());
+    eprintln!("kill9: {} temporaries of killed runs removed", left.len());
     let v = repo.verify(VerifyOptions::default()).await.unwrap();
     assert!(v.is_clean(), "{:?}", v.damage);
 }

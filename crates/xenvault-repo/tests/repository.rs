@@ -815,3 +815,114 @@ async fn a_backup_waits_for_a_prune_sweep_or_fails_naming_it() {
     let rp = waiting.await.unwrap().unwrap();
     rp.abort().await.unwrap();
 }
+
+/// `.tmp-*` files anywhere under `dir`.
+fn temporaries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(temporaries(&e.path()));
+        } else if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// Local backend, ADR 0008: chunks are staged, then published in one batch at
+/// a checkpoint, before a disk's index, and when a restore point is aborted;
+/// another instance on the same directory (as after a crash) sees a chunk's name
+/// only once it is published, and a prune sweep removes stale temporaries.
+#[tokio::test]
+async fn local_chunks_are_published_at_checkpoints_finish_and_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalStorage::new(dir.path()).unwrap();
+    let other = LocalStorage::new(dir.path()).unwrap();
+    let repo = Repository::init(Arc::new(local.clone()), opts(true))
+        .await
+        .unwrap();
+    let size = 6 * MIB;
+    let img: Vec<u8> = (0..size)
+        .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
+        .collect();
+    let chunks = |s: &LocalStorage| {
+        let s = s.clone();
+        async move { s.list("chunks/").await.unwrap().len() }
+    };
+
+    let rp = repo
+        .begin_restore_point("vm", "n", T0, None, WriteOptions::default())
+        .await
+        .unwrap();
+    let mut w = rp.full_disk("a", size, json!(null)).unwrap();
+    feed(&mut w, &img, 0, 3 * MIB, MIB).await;
+    let cp = w.checkpoint().await.unwrap();
+    assert_eq!(cp.done, 3 * MIB);
+    // Published: durable names, seen by any instance; nothing left staged.
+    assert_eq!(chunks(&other).await, 3);
+    assert_eq!(local.staged_count(), 0);
+    assert!(temporaries(dir.path()).is_empty());
+    for id in &cp.index.ids[..3] {
+        other.stat(&id.object_key()).await.unwrap();
+    }
+    feed(&mut w, &img, 3 * MIB, size, MIB).await;
+    let entry = w.finish().await.unwrap();
+    assert_eq!(entry.stats.new_chunks, 6);
+    assert_eq!(chunks(&other).await, 6, "published before the index");
+    let m = rp.commit(records(), json!({}), json!({})).await.unwrap();
+    assert!(read_back(&repo, &m, "a").await == img);
+
+    // An aborted restore point: its staged chunks are published (kept for reuse).
+    let img2: Vec<u8> = img.iter().map(|b| b ^ 0x5A).collect();
+    let rp = repo
+        .begin_restore_point(
+            "vm",
+            "n",
+            T0 + Duration::from_secs(60),
+            None,
+            WriteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mut w = rp.full_disk("a", size, json!(null)).unwrap();
+    feed(&mut w, &img2, 0, 2 * MIB, MIB).await;
+    // Let the writer's tasks stage both chunks (they run in the background).
+    for _ in 0..500 {
+        if local.staged_count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(local.staged_count(), 2, "two chunks staged");
+    assert_eq!(temporaries(dir.path()).len(), 2);
+    assert_eq!(chunks(&other).await, 6, "staged chunks have no name yet");
+    drop(w);
+    rp.abort().await.unwrap();
+    assert_eq!(chunks(&other).await, 8);
+    assert!(temporaries(dir.path()).is_empty());
+
+    // A crashed run's temporaries: removed by the sweep once older than the grace.
+    std::fs::write(dir.path().join("chunks/.tmp-999-dead"), b"torn").unwrap();
+    let popts = PruneOptions {
+        grace: Duration::from_secs(3600),
+        ..PruneOptions::default()
+    };
+    let now = OffsetDateTime::now_utc();
+    repo.prune(now, popts).await.unwrap();
+    let r = repo
+        .prune(now + Duration::from_secs(60), popts)
+        .await
+        .unwrap();
+    assert!(r.sweep_deferred.is_some());
+    assert_eq!(temporaries(dir.path()).len(), 1, "no sweep yet: kept");
+    let r = repo
+        .prune(now + Duration::from_secs(7200), popts)
+        .await
+        .unwrap();
+    assert!(r.sweep_deferred.is_none(), "{:?}", r.sweep_deferred);
+    assert_eq!(r.deleted_temporaries, 1);
+    assert_eq!(r.deleted_chunks, 2, "the aborted run's chunks");
+    assert!(temporaries(dir.path()).is_empty());
+    assert!(read_back(&repo, &m, "a").await == img);
+}

@@ -306,6 +306,10 @@ impl Simulator {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        // A background coalesce finishes before the state is left (a restart would
+        // finish it too, but not while this process still writes the layers).
+        let disks = self.pool.disks.clone();
+        let _ = tokio::task::spawn_blocking(move || disks.wait_gc_idle()).await;
         save_db(&self.pool)
     }
 }

@@ -370,6 +370,12 @@ pub struct RunReport {
     /// could not be removed, retention errors).
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Why the run was stopped before its end ("interrupted by SIGINT"),
+    /// when it was: the VMs it did not finish are failed with that reason,
+    /// and it is a run-level problem too (absent in complete runs and in
+    /// reports written before interruptions were handled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
 }
 
 /// A VM (or item) and the reason it failed or was skipped.
@@ -460,6 +466,7 @@ impl RunReport {
             pool_metadata: Vec::new(),
             hosts: Vec::new(),
             problems: Vec::new(),
+            interrupted: None,
         }
     }
 
@@ -551,10 +558,15 @@ impl RunReport {
     }
 
     /// A short line for a subject or a status: "5/6 succeeded, 1 failed",
-    /// with skips, other failures and problems when there are any.
+    /// with skips, other failures and problems when there are any, after
+    /// "interrupted by SIGINT: " when the run was interrupted.
     pub fn headline(&self) -> String {
         let s = self.summary();
-        let mut line = format!("{}/{} succeeded", s.succeeded, s.expected);
+        let mut line = match &self.interrupted {
+            Some(why) => format!("{why}: "),
+            None => String::new(),
+        };
+        line.push_str(&format!("{}/{} succeeded", s.succeeded, s.expected));
         if s.failed > 0 {
             line.push_str(&format!(", {} failed", s.failed));
         }
@@ -719,5 +731,25 @@ mod tests {
         let back: RunReport = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.summary().other_failures[0].name, "host host1");
+        assert!(!text.contains("interrupted"), "{text}");
+    }
+
+    #[test]
+    fn interrupted_runs_say_so() {
+        let mut r = report(vec![vm("a", Outcome::failed("interrupted by SIGINT"))]);
+        r.interrupted = Some("interrupted by SIGINT".into());
+        r.problems.push("the run was interrupted by SIGINT".into());
+        assert_eq!(
+            r.headline(),
+            "interrupted by SIGINT: 0/1 succeeded, 1 failed, 1 problem(s)"
+        );
+        assert_eq!(r.overall(), RunOutcome::Failed);
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(
+            text.contains("\"interrupted\":\"interrupted by SIGINT\""),
+            "{text}"
+        );
+        let back: RunReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
     }
 }

@@ -1,15 +1,19 @@
 //! `xenvault backup JOB`: one run of a job, with progress on stderr (a live
 //! line with rate and ETA on a terminal, plain lines otherwise, e.g. under
 //! cron) and the summary on stdout (or the JSON report with `--json`).
+//!
+//! SIGINT and SIGTERM stop a run gracefully (see [`watch_signals`]): the
+//! run stops its VMs, cleans up its snapshots, writes its report, and the
+//! process exits with 130 or 143; a second signal exits at once.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal as _, Write as _};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use xenvault_engine::backup::Progress;
-use xenvault_engine::job::{self, ExitStatus, RunOptions};
+use xenvault_engine::job::{self, Cancel, ExitStatus, RunOptions};
 use xenvault_engine::preflight::human_bytes;
 use xenvault_types::report::RunReport;
 
@@ -22,13 +26,23 @@ pub async fn run(args: JobArgs, json: bool) -> anyhow::Result<ExitCode> {
     let config = load_config(args.config.as_deref())?;
     let progress: Arc<dyn Progress> =
         Arc::new(StderrProgress::new(std::io::stderr().is_terminal()));
+    let cancel = Cancel::new();
+    let stopped_by = watch_signals(cancel.clone())?;
     let options = RunOptions {
         today: today(&args),
         progress,
+        cancel,
     };
-    let run = job::run_job(&config, &args.job, options)
-        .await
-        .map_err(job_error)?;
+    let run = job::run_job(&config, &args.job, options).await;
+    let stop = stopped_by.get().copied();
+    let run = match (run, stop) {
+        (Ok(run), _) => run,
+        (Err(e), Some(signal)) => {
+            eprintln!("xenvault: error: {e}");
+            return Ok(signal.exit_code());
+        }
+        (Err(e), None) => return Err(job_error(e)),
+    };
     if json {
         println!(
             "{}",
@@ -37,12 +51,84 @@ pub async fn run(args: JobArgs, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", summary(&run.report));
     }
+    if let Some(signal) = stop {
+        return Ok(signal.exit_code());
+    }
     Ok(match run.exit {
         ExitStatus::Success => ExitCode::Success,
         ExitStatus::Partial => ExitCode::Partial,
         ExitStatus::Usage => ExitCode::Usage,
         ExitStatus::Failure => ExitCode::Failure,
     })
+}
+
+/// A signal that stops a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopSignal {
+    /// Ctrl-C.
+    Interrupt,
+    /// `kill`, systemd's stop, a timeout.
+    Terminate,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
+
+    /// 128 + the signal number, as a shell reports a process it stopped.
+    fn exit_code(self) -> ExitCode {
+        match self {
+            StopSignal::Interrupt => ExitCode::InterruptedBySigint,
+            StopSignal::Terminate => ExitCode::InterruptedBySigterm,
+        }
+    }
+}
+
+/// Installs the SIGINT and SIGTERM handlers of a run. The first signal
+/// says so on stderr and cancels the run (it stops its VMs, removes its
+/// snapshots, writes its report; see [`Cancel`]); a second one exits at
+/// once with its code (the next run's leftover sweep is the safety net).
+/// The cell holds the first signal, once one came.
+fn watch_signals(cancel: Cancel) -> anyhow::Result<Arc<OnceLock<StopSignal>>> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    async fn next(interrupt: &mut Signal, terminate: &mut Signal) -> StopSignal {
+        tokio::select! {
+            Some(()) = interrupt.recv() => StopSignal::Interrupt,
+            Some(()) = terminate.recv() => StopSignal::Terminate,
+            else => std::future::pending().await,
+        }
+    }
+    let first = Arc::new(OnceLock::new());
+    let seen = first.clone();
+    tokio::spawn(async move {
+        let signal = next(&mut interrupt, &mut terminate).await;
+        let _ = seen.set(signal);
+        let fresh_line = if std::io::stderr().is_terminal() {
+            "\r\x1b[2K"
+        } else {
+            ""
+        };
+        eprintln!(
+            "{fresh_line}xenvault: interrupted by {}: stopping, cleaning up (send it again to exit at once)",
+            signal.name()
+        );
+        cancel.cancel(format!("interrupted by {}", signal.name()));
+        let again = next(&mut interrupt, &mut terminate).await;
+        eprintln!(
+            "xenvault: {} again: exiting now, without cleaning up (the next run removes this run's snapshots)",
+            again.name()
+        );
+        std::process::exit(again.exit_code() as i32);
+    });
+    Ok(first)
 }
 
 /// The human summary printed at the end of a run.

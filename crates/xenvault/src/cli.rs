@@ -41,7 +41,7 @@ pub enum Command {
 
     /// Run a backup job: snapshot, export, write the archive, clean up, keep the last N.
     #[command(
-        after_help = "Progress goes to stderr (a live line with rate and ETA on a terminal, plain lines\nunder cron), the summary to stdout (the JSON report with --json).\nExit codes: 0 success, 1 failure, 2 bad configuration, 3 partial (some VMs failed or\nwere skipped).\n\nExamples:\n  xenvault backup nightly\n  XENVAULT_CONFIG=/srv/xenvault.toml xenvault backup weekly --json > report.json\n  # crontab: 30 1 * * *  /usr/local/bin/xenvault backup nightly >> /var/log/xenvault.log 2>&1"
+        after_help = "Progress goes to stderr (a live line with rate and ETA on a terminal, plain lines\nunder cron), the summary to stdout (the JSON report with --json).\nExit codes: 0 success, 1 failure, 2 bad configuration, 3 partial (some VMs failed or\nwere skipped), 130/143 stopped by SIGINT/SIGTERM (this run's snapshots removed,\nreport written; a second signal exits at once).\n\nExamples:\n  xenvault backup nightly\n  XENVAULT_CONFIG=/srv/xenvault.toml xenvault backup weekly --json > report.json\n  # crontab: 30 1 * * *  /usr/local/bin/xenvault backup nightly >> /var/log/xenvault.log 2>&1"
     )]
     Backup(JobArgs),
 

@@ -243,7 +243,7 @@ async fn demo_against(
         point.dir.display()
     ));
     let restored = restore::restore_vm(
-        &PoolConnection::from_session(session.clone()),
+        &PoolConnection::from_session(session.clone()).await,
         &point,
         &VmRestoreOptions::default(),
         restore::no_progress(),

@@ -1,4 +1,6 @@
-//! Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 partial.
+//! Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 partial;
+//! `backup` stopped by a signal: 130 (SIGINT), 143 (SIGTERM), the shell's
+//! 128 + signal number.
 
 /// What the process tells its caller (cron, a script) when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,6 +13,11 @@ pub enum ExitCode {
     Usage = 2,
     /// Some VMs failed, others succeeded.
     Partial = 3,
+    /// Stopped by SIGINT (Ctrl-C) after cleaning up (128 + 2).
+    InterruptedBySigint = 130,
+    /// Stopped by SIGTERM (systemd stop, a timeout) after cleaning up
+    /// (128 + 15).
+    InterruptedBySigterm = 143,
 }
 
 impl From<ExitCode> for std::process::ExitCode {

@@ -25,6 +25,8 @@ use crate::exit::ExitCode;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    // Before the runtime's threads start (see the function's doc).
+    xenvault_engine::job::init_local_offset();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -11,9 +11,9 @@ use crate::exit::{ExitCode, UsageError};
 
 pub use crate::config_file::load_config;
 
-/// The day to plan for: `--today`, else today (UTC).
+/// The day to plan for: `--today`, else today (the machine's time zone).
 pub fn today(args: &JobArgs) -> Weekday {
-    args.today.unwrap_or_else(job::today_utc)
+    args.today.unwrap_or_else(job::today)
 }
 
 /// A job error as the CLI reports it (exit code by kind).

@@ -403,6 +403,7 @@ impl Bench {
             run.incr_result = r;
             run.incr_size = peers::dir_bytes(&repo);
         }
+        self.settle_sim();
         for (pr, run) in peer_repos.iter_mut().zip(&mut peer_runs) {
             eprintln!("{} incremental", pr.peer.name());
             let m = pr
@@ -665,7 +666,14 @@ impl Bench {
         }
     }
 
+    /// Waits until the simulator's background coalescer (started by `VDI.destroy`, as
+    /// SM's GC) is idle, so that it never overlaps the next measured operation.
+    fn settle_sim(&self) {
+        self.sim.pool.disks.wait_gc_idle();
+    }
+
     fn run_step(&self, spec: &StepSpec) -> anyhow::Result<(Measured, StepResult)> {
+        self.settle_sim();
         let json = serde_json::to_string(spec)?;
         let what = format!("xenvault step {:?} into {}", spec.kind, spec.repo.display());
         let m = peers::measure(

@@ -412,6 +412,48 @@ impl Checker<'_> {
         )
     }
 
+    /// A secret given as `<file_key>` (a path, resolved against the
+    /// configuration's directory and written back resolved) or `<env_key>`
+    /// (an environment variable) in the table at `table`. `None` when
+    /// neither is set, or when secrets are not read (the path is still
+    /// resolved); both set is an error.
+    fn secret_from(
+        &self,
+        table: &[&str],
+        (file_key, env_key): (&'static str, &'static str),
+        file: &mut Option<PathBuf>,
+        env: &Option<String>,
+    ) -> Result<Option<xenvault_types::config::Secret>, ConfigError> {
+        let at = |k: &'static str| {
+            let mut path = table.to_vec();
+            path.push(k);
+            path
+        };
+        if file.is_some() && env.is_some() {
+            return Err(self.err(
+                ErrorKind::Secret,
+                &at(env_key),
+                format!("both {file_key} and {env_key} are set"),
+                "keep one of them".to_string(),
+            ));
+        }
+        if let Some(f) = file.as_mut() {
+            *f = self.resolve(f);
+        }
+        if !self.read_secrets {
+            return Ok(None);
+        }
+        match (file.as_deref(), env) {
+            (Some(f), _) => secrets::read_password_file(f)
+                .map(Some)
+                .map_err(|(p, fix)| self.err(ErrorKind::Secret, &at(file_key), p, fix)),
+            (None, Some(var)) => secrets::read_password_env(var)
+                .map(Some)
+                .map_err(|(p, fix)| self.err(ErrorKind::Secret, &at(env_key), p, fix)),
+            (None, None) => Ok(None),
+        }
+    }
+
     fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
@@ -505,41 +547,23 @@ impl Checker<'_> {
                 ));
             }
         }
-        pool.password = Some(match (&pool.password_file, &pool.password_env) {
-            (Some(_), Some(_)) => {
-                return Err(self.err(
-                    ErrorKind::Secret,
-                    &key("password-env"),
-                    "both password-file and password-env are set".to_string(),
-                    "keep one of them".to_string(),
-                ));
-            }
-            (None, None) => {
-                return Err(self.err(
-                    ErrorKind::MissingKey,
-                    &["pools", name],
-                    format!("pool {name} has no password"),
-                    "add password-file = \"/path\" (chmod 600) or password-env = \"VARIABLE\""
-                        .to_string(),
-                ));
-            }
-            (Some(file), None) => {
-                let file = self.resolve(file);
-                pool.password_file = Some(file.clone());
-                if !self.read_secrets {
-                    return Ok(());
-                }
-                secrets::read_password_file(&file)
-                    .map_err(|(p, f)| self.err(ErrorKind::Secret, &key("password-file"), p, f))?
-            }
-            (None, Some(var)) => {
-                if !self.read_secrets {
-                    return Ok(());
-                }
-                secrets::read_password_env(var)
-                    .map_err(|(p, f)| self.err(ErrorKind::Secret, &key("password-env"), p, f))?
-            }
-        });
+        if pool.password_file.is_none() && pool.password_env.is_none() {
+            return Err(self.err(
+                ErrorKind::MissingKey,
+                &["pools", name],
+                format!("pool {name} has no password"),
+                "add password-file = \"/path\" (chmod 600) or password-env = \"VARIABLE\""
+                    .to_string(),
+            ));
+        }
+        if let Some(password) = self.secret_from(
+            &["pools", name],
+            ("password-file", "password-env"),
+            &mut pool.password_file,
+            &pool.password_env,
+        )? {
+            pool.password = Some(password);
+        }
         Ok(())
     }
 
@@ -623,34 +647,12 @@ impl Checker<'_> {
             }
             _ => {}
         }
-        email.password = match (&email.password_file, &email.password_env) {
-            (Some(_), Some(_)) => {
-                return Err(self.err(
-                    ErrorKind::Secret,
-                    &key("password-env"),
-                    "both password-file and password-env are set".to_string(),
-                    "keep one of them".to_string(),
-                ));
-            }
-            _ if !self.read_secrets => {
-                if let Some(file) = &email.password_file {
-                    email.password_file = Some(self.resolve(file));
-                }
-                None
-            }
-            (Some(file), None) => {
-                let file = self.resolve(file);
-                let s = secrets::read_password_file(&file)
-                    .map_err(|(p, f)| self.err(ErrorKind::Secret, &key("password-file"), p, f))?;
-                email.password_file = Some(file);
-                Some(s)
-            }
-            (None, Some(var)) => Some(
-                secrets::read_password_env(var)
-                    .map_err(|(p, f)| self.err(ErrorKind::Secret, &key("password-env"), p, f))?,
-            ),
-            (None, None) => None,
-        };
+        email.password = self.secret_from(
+            &["email"],
+            ("password-file", "password-env"),
+            &mut email.password_file,
+            &email.password_env,
+        )?;
         Ok(())
     }
 

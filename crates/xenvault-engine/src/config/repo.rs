@@ -268,32 +268,12 @@ impl Checker<'_> {
         }
 
         // The repository password (optional: plain repositories have none).
-        target.password = match (&target.password_file, &target.password_env) {
-            (Some(_), Some(_)) => {
-                return Err(self.err(
-                    ErrorKind::Secret,
-                    &key("password-env"),
-                    "both password-file and password-env are set".to_string(),
-                    "keep one of them".to_string(),
-                ));
-            }
-            (Some(file), None) => {
-                let file = self.resolve(file);
-                target.password_file = Some(file.clone());
-                if self.read_secrets {
-                    Some(secrets::read_password_file(&file).map_err(|(p, f)| {
-                        self.err(ErrorKind::Secret, &key("password-file"), p, f)
-                    })?)
-                } else {
-                    None
-                }
-            }
-            (None, Some(var)) if self.read_secrets => Some(
-                secrets::read_password_env(var)
-                    .map_err(|(p, f)| self.err(ErrorKind::Secret, &key("password-env"), p, f))?,
-            ),
-            _ => None,
-        };
+        target.password = self.secret_from(
+            &["targets", name],
+            ("password-file", "password-env"),
+            &mut target.password_file,
+            &target.password_env,
+        )?;
 
         if let Some(s3) = &mut target.s3 {
             let sk = |k: &'static str| vec!["targets", name, "s3", k];
@@ -340,33 +320,12 @@ impl Checker<'_> {
                 }
                 _ => {}
             }
-            s3.secret_access_key = match (&s3.secret_access_key_file, &s3.secret_access_key_env) {
-                (Some(_), Some(_)) => {
-                    return Err(self.err(
-                        ErrorKind::Secret,
-                        &sk("secret-access-key-env"),
-                        "both secret-access-key-file and secret-access-key-env are set".to_string(),
-                        "keep one of them".to_string(),
-                    ));
-                }
-                (Some(file), None) => {
-                    let file = self.resolve(file);
-                    s3.secret_access_key_file = Some(file.clone());
-                    if self.read_secrets {
-                        Some(secrets::read_password_file(&file).map_err(|(p, f)| {
-                            self.err(ErrorKind::Secret, &sk("secret-access-key-file"), p, f)
-                        })?)
-                    } else {
-                        None
-                    }
-                }
-                (None, Some(var)) if self.read_secrets => {
-                    Some(secrets::read_password_env(var).map_err(|(p, f)| {
-                        self.err(ErrorKind::Secret, &sk("secret-access-key-env"), p, f)
-                    })?)
-                }
-                _ => None,
-            };
+            s3.secret_access_key = self.secret_from(
+                &["targets", name, "s3"],
+                ("secret-access-key-file", "secret-access-key-env"),
+                &mut s3.secret_access_key_file,
+                &s3.secret_access_key_env,
+            )?;
         }
 
         if let Some(sftp) = &mut target.sftp {

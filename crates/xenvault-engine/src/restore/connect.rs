@@ -29,6 +29,15 @@ impl std::fmt::Debug for PoolConnection {
     }
 }
 
+/// Transfer options for uploads into the pool: redirects are followed only to
+/// the pool's own hosts, since the session id travels in the query string.
+async fn pool_transfer_options(session: &Session) -> TransferOptions {
+    TransferOptions {
+        redirect_hosts: Some(crate::job::pool_host_addresses(session).await),
+        ..TransferOptions::default()
+    }
+}
+
 impl PoolConnection {
     /// Logs in to the pool at `url`.
     pub async fn connect(
@@ -40,18 +49,18 @@ impl PoolConnection {
         let session = Client::connect(url, Credentials::new(user, password), tls.clone())
             .await
             .map_err(|e| RestoreError::xapi(format!("cannot log in to {url}"), e))?;
-        let transfer = HttpTransfer::new(&tls, TransferOptions::default()).map_err(|e| {
-            RestoreError::Http {
-                what: "cannot set up HTTP transfers".into(),
-                source: e,
-            }
+        let options = pool_transfer_options(&session).await;
+        let transfer = HttpTransfer::new(&tls, options).map_err(|e| RestoreError::Http {
+            what: "cannot set up HTTP transfers".into(),
+            source: e,
         })?;
         Ok(PoolConnection { session, transfer })
     }
 
     /// Wraps an existing session (its HTTP client carries the TLS policy).
-    pub fn from_session(session: Session) -> PoolConnection {
-        let transfer = HttpTransfer::with_client(session.http_client(), TransferOptions::default());
+    pub async fn from_session(session: Session) -> PoolConnection {
+        let options = pool_transfer_options(&session).await;
+        let transfer = HttpTransfer::with_client(session.http_client(), options);
         PoolConnection { session, transfer }
     }
 

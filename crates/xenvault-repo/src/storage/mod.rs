@@ -168,6 +168,38 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Size and modification time of the object (`NotFound` when absent).
     fn stat<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta, StorageError>>;
+
+    /// Writes an immutable, content-addressed object (a chunk) that becomes
+    /// visible under `key` at the latest when the next [`publish`](Self::publish)
+    /// returns. `AlreadyExists` when the object exists or is already staged (it
+    /// is then visible after the next `publish` too). A backend that batches
+    /// (local: one filesystem sync per batch instead of one per object, ADR 0008)
+    /// keeps the object invisible until `publish`; the default is
+    /// [`put_if_absent`](Self::put_if_absent): durable and visible at once.
+    fn stage<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StorageError>> {
+        self.put_if_absent(key, data)
+    }
+
+    /// Makes every object staged so far (by any user of this backend instance)
+    /// durable, then visible under its final name, then the names durable. After
+    /// `Ok`, an object staged before the call can be found by `stat`/`get`/`list`
+    /// and survives a power cut. An error means some staged objects are lost:
+    /// the caller must not reference them. Default: nothing to do.
+    fn publish(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Removes temporary files (of writes or stages interrupted by a crash) last
+    /// modified before `older_than`; returns how many. Temporaries are never
+    /// listed and never referenced; only a prune sweep (exclusive lock: no
+    /// backup runs) calls this. Default: the backend leaves none (returns 0).
+    fn remove_stale_temporaries(
+        &self,
+        older_than: SystemTime,
+    ) -> BoxFuture<'_, Result<u64, StorageError>> {
+        let _ = older_than;
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// Checks that `key` is a relative, `/`-separated key of `[A-Za-z0-9._-]` segments,

@@ -2,7 +2,9 @@
 //!
 //! Only `Transient` errors are retried. A retried `put_if_absent` whose first
 //! attempt did land reports `AlreadyExists`; the repository treats that as
-//! success for content-addressed objects (chunks).
+//! success for content-addressed objects (chunks); so does a retried `stage`.
+//! `stage`, `publish` and `remove_stale_temporaries` are forwarded (not left to
+//! the trait's defaults), so a batching backend keeps batching behind retries.
 
 use std::time::Duration;
 
@@ -129,6 +131,22 @@ impl<S: Storage> Storage for Retrying<S> {
 
     fn stat<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectMeta, StorageError>> {
         Box::pin(self.run(move || self.inner.stat(key)))
+    }
+
+    fn stage<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(self.run(move || self.inner.stage(key, data.clone())))
+    }
+
+    /// Retried as a whole: publishing what is already published does nothing.
+    fn publish(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(self.run(move || self.inner.publish()))
+    }
+
+    fn remove_stale_temporaries(
+        &self,
+        older_than: std::time::SystemTime,
+    ) -> BoxFuture<'_, Result<u64, StorageError>> {
+        Box::pin(self.run(move || self.inner.remove_stale_temporaries(older_than)))
     }
 }
 

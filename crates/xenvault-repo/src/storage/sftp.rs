@@ -13,6 +13,9 @@
 //! (`posix-rename@openssh.com`). Names starting with `.` are never listed.
 //! A server without the hard-link extension gets stat-then-rename (not atomic;
 //! logged once).
+//! Temporaries left by interrupted uploads are removed by a prune sweep once
+//! older than its grace period (`remove_stale_temporaries`, ADR 0008). Chunks
+//! are not staged here (the trait's default: `stage` is `put_if_absent`).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -518,6 +521,65 @@ impl SftpStorage {
         Ok(out)
     }
 
+    /// Removes the `.tmp-*` files (of interrupted writes) under the root last
+    /// modified before `older_than`; returns how many.
+    async fn remove_temps(&self, c: &Conn, older_than: SystemTime) -> Result<u64, SftpError> {
+        let mut removed = 0;
+        let mut stack = vec![String::new()];
+        let mut fs = c.sftp.fs();
+        while let Some(rel) = stack.pop() {
+            let server_dir = if rel.is_empty() {
+                if self.root.is_empty() {
+                    ".".to_string()
+                } else {
+                    self.root.clone()
+                }
+            } else {
+                self.path(&rel)
+            };
+            let dir = match fs.open_dir(&server_dir).await {
+                Ok(d) => d,
+                Err(e) if is_no_such_file(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut stale = Vec::new();
+            let mut entries = std::pin::pin!(dir.read_dir());
+            while let Some(entry) = entries.next().await {
+                let entry = entry?;
+                let Some(name) = entry.filename().to_str() else {
+                    continue;
+                };
+                let key = if rel.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let md = entry.metadata();
+                match md.file_type() {
+                    Some(t) if t.is_dir() && !name.starts_with('.') => stack.push(key),
+                    Some(t) if t.is_file() && name.starts_with(".tmp-") => {
+                        let modified = md
+                            .modified()
+                            .map(|t| t.as_system_time())
+                            .unwrap_or(SystemTime::UNIX_EPOCH);
+                        if modified < older_than {
+                            stale.push(key);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for key in stale {
+                match fs.remove_file(self.path(&key)).await {
+                    Ok(()) => removed += 1,
+                    Err(e) if is_no_such_file(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     async fn exists(c: &Conn, path: &str) -> Result<bool, SftpError> {
         match c.sftp.fs().metadata(path).await {
             Ok(_) => Ok(true),
@@ -651,6 +713,18 @@ impl Storage for SftpStorage {
                     Err(e) if is_no_such_file(&e) => Ok(()),
                     other => other,
                 }
+            })
+            .await
+        })
+    }
+
+    fn remove_stale_temporaries(
+        &self,
+        older_than: SystemTime,
+    ) -> BoxFuture<'_, Result<u64, StorageError>> {
+        Box::pin(async move {
+            self.with_conn("remove_stale_temporaries", "", async |c: &Conn| {
+                self.remove_temps(c, older_than).await
             })
             .await
         })

@@ -262,7 +262,16 @@ pub fn destroy_vdi(pool: &Pool, db: &mut Db, vdi: &str) -> ApiResult<()> {
     let rec = db.get("VDI", vdi)?.clone();
     let uuid = rec.str_of("uuid");
     if pool.disks.exists(uuid) {
-        pool.disks.destroy(uuid).map_err(disk_err)?;
+        // SM deletes the VHD and leaves the coalesce of a parent left with one child to
+        // its background GC (docs/xapi-notes.md "Simulator data plane: coalesce after
+        // VDI.destroy"): the call does not wait for the copy.
+        if pool
+            .disks
+            .destroy_deferring_coalesce(uuid)
+            .map_err(disk_err)?
+        {
+            pool.disks.start_gc();
+        }
     }
     for vbd in rec.strs_of("VBDs") {
         let _ = db.destroy("VBD", &vbd);
@@ -314,10 +323,15 @@ fn data_destroy(ctx: &Ctx<'_>, args: &[Value]) -> ApiResult<Value> {
     }
     let mut db = ctx.pool.db();
     let rec = db.get("VDI", &vdi)?.clone();
-    ctx.pool
+    // Coalescing in the background, as for VDI.destroy.
+    if ctx
+        .pool
         .disks
-        .data_destroy(rec.str_of("uuid"))
-        .map_err(disk_err)?;
+        .data_destroy_deferring_coalesce(rec.str_of("uuid"))
+        .map_err(disk_err)?
+    {
+        ctx.pool.disks.start_gc();
+    }
     db.update("VDI", &vdi, |r| {
         r.insert("type".into(), Value::str("cbt_metadata"));
         r.insert("physical_utilisation".into(), Value::Int(0));

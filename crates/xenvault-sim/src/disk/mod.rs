@@ -5,9 +5,11 @@
 //! (hidden) parents. Snapshot and clone freeze the leaf and put two new empty overlays on
 //! it, so they cost two small files whatever the disk size. Each layer keeps a 64 KiB
 //! allocation bitmap; destroying a disk drops its leaf, frees parents no one needs and
-//! coalesces a parent left with a single child into it (SM's GC does the same
-//! asynchronously). CBT logs follow SM's `cbtlog` rules (docs/xapi-notes.md,
-//! "Simulator data plane").
+//! coalesces a parent left with a single child into it: at once with
+//! `DiskStore::destroy`, or in a background thread as SM's GC does after `VDI.destroy`
+//! (`DiskStore::destroy_deferring_coalesce`, docs/xapi-notes.md "Simulator data plane:
+//! coalesce after VDI.destroy"). CBT logs follow SM's `cbtlog` rules
+//! (docs/xapi-notes.md, "Simulator data plane").
 
 mod bitmap;
 mod guest;

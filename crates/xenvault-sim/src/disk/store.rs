@@ -15,7 +15,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -249,6 +249,23 @@ pub struct DiskStore {
     root: PathBuf,
     next_layer: AtomicU64,
     inner: RwLock<Inner>,
+    /// Bumped whenever a coalesce changes the contents of a frozen layer (the only way
+    /// a frozen layer's data changes): a background coalesce that copied a layer's
+    /// blocks without the write lock checks it before it commits.
+    coalesce_generation: AtomicU64,
+    /// The background coalescer ([`DiskStore::start_gc`]).
+    gc: Mutex<GcState>,
+    /// Signalled when the background coalescer stops.
+    gc_idle: Condvar,
+}
+
+/// State of the background coalescer.
+#[derive(Default)]
+struct GcState {
+    /// A coalescer thread is running.
+    running: bool,
+    /// Asked to look again once its pass ends.
+    again: bool,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -311,6 +328,9 @@ impl DiskStore {
             root: root.clone(),
             next_layer: AtomicU64::new(1),
             inner: RwLock::new(Inner::default()),
+            coalesce_generation: AtomicU64::new(0),
+            gc: Mutex::new(GcState::default()),
+            gc_idle: Condvar::new(),
         };
         if !meta_path.exists() {
             store.save(&store.write_guard())?;
@@ -409,7 +429,7 @@ impl DiskStore {
                 }
             }
             let mut doomed = Vec::new();
-            store.collect_garbage(&mut g, &mut doomed)?;
+            store.collect_garbage(&mut g, &mut doomed, true)?;
             store.save(&g)?;
             store.remove_files(&doomed);
         }
@@ -666,6 +686,20 @@ impl DiskStore {
     /// left with one child is coalesced into it) and its CBT log is merged into its child's
     /// log, as SM's `VDI.delete` does.
     pub fn destroy(&self, id: &str) -> Result<(), DiskError> {
+        self.destroy_with(id, true).map(|_| ())
+    }
+
+    /// Like [`DiskStore::destroy`], but a parent left with one child is not coalesced
+    /// now: SM deletes the VHD and leaves the coalesce to its background GC, so
+    /// `VDI.destroy` does not take as long as copying the child's data
+    /// (docs/xapi-notes.md "Simulator data plane: coalesce after VDI.destroy"). Returns
+    /// true when a coalesce is pending: run [`DiskStore::start_gc`] (or
+    /// [`DiskStore::coalesce_pending`]).
+    pub fn destroy_deferring_coalesce(&self, id: &str) -> Result<bool, DiskError> {
+        self.destroy_with(id, false)
+    }
+
+    fn destroy_with(&self, id: &str, coalesce: bool) -> Result<bool, DiskError> {
         let mut g = self.write_guard();
         let disk = g
             .disks
@@ -696,19 +730,32 @@ impl DiskStore {
             if let Some(l) = g.layers.get_mut(&leaf) {
                 l.owner = None;
             }
-            self.collect_garbage(&mut g, &mut doomed)?;
+            self.collect_garbage(&mut g, &mut doomed, coalesce)?;
         }
         self.save(&g)?;
+        let pending = next_coalesce(&g).is_some();
+        drop(g);
         self.remove_files(&doomed);
         for l in doomed_logs {
             let _ = fs::remove_file(self.cbt_path(&l));
         }
-        Ok(())
+        Ok(pending)
     }
 
     /// `VDI.data_destroy`: drops the disk's data but keeps the disk and its CBT log (it
     /// becomes `cbt_metadata`). Idempotent on a disk without data. Needs a CBT log.
     pub fn data_destroy(&self, id: &str) -> Result<(), DiskError> {
+        self.data_destroy_with(id, true).map(|_| ())
+    }
+
+    /// Like [`DiskStore::data_destroy`], leaving the coalesce of a parent left with one
+    /// child to the background (as [`DiskStore::destroy_deferring_coalesce`]). Returns
+    /// true when a coalesce is pending.
+    pub fn data_destroy_deferring_coalesce(&self, id: &str) -> Result<bool, DiskError> {
+        self.data_destroy_with(id, false)
+    }
+
+    fn data_destroy_with(&self, id: &str, coalesce: bool) -> Result<bool, DiskError> {
         let mut g = self.write_guard();
         if !g.disks.contains_key(id) {
             return Err(DiskError::NoSuchDisk(id.to_string()));
@@ -722,11 +769,145 @@ impl DiskStore {
             if let Some(l) = g.layers.get_mut(&leaf) {
                 l.owner = None;
             }
-            self.collect_garbage(&mut g, &mut doomed)?;
+            self.collect_garbage(&mut g, &mut doomed, coalesce)?;
         }
         self.save(&g)?;
+        let pending = next_coalesce(&g).is_some();
+        drop(g);
         self.remove_files(&doomed);
-        Ok(())
+        Ok(pending)
+    }
+
+    /// Starts the background coalescer (a thread, like SM's GC process) unless it runs
+    /// already, in which case it looks again once its pass ends. It coalesces every
+    /// frozen layer left with a single child ([`DiskStore::coalesce_pending`]).
+    pub fn start_gc(self: &Arc<Self>) {
+        {
+            let mut st = self.gc.lock().unwrap_or_else(|e| e.into_inner());
+            if st.running {
+                st.again = true;
+                return;
+            }
+            st.running = true;
+        }
+        let store = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("sim-disk-gc".into())
+            .spawn(move || store.gc_loop());
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the disk coalescer thread; coalescing now");
+            self.gc_loop();
+        }
+    }
+
+    /// Waits until the background coalescer is idle (e.g. before the state directory is
+    /// reopened or removed).
+    pub fn wait_gc_idle(&self) {
+        let mut st = self.gc.lock().unwrap_or_else(|e| e.into_inner());
+        while st.running {
+            st = self.gc_idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn gc_loop(&self) {
+        loop {
+            match self.coalesce_pending() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(layers = n, "background coalesce done"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "background coalesce failed; retried at the next destroy or restart")
+                }
+            }
+            let mut st = self.gc.lock().unwrap_or_else(|e| e.into_inner());
+            if st.again {
+                st.again = false;
+                continue;
+            }
+            st.running = false;
+            self.gc_idle.notify_all();
+            return;
+        }
+    }
+
+    /// Coalesces every frozen layer left with a single child into it, one at a time.
+    /// The child's blocks are copied while only the read lock is held, in slices (reads,
+    /// NBD included, go on meanwhile; a frozen child never changes, and the parent's
+    /// copies of those blocks are only ever read through the child, which holds them);
+    /// the write lock is taken to swap the layers. Returns how many were coalesced.
+    pub fn coalesce_pending(&self) -> Result<usize, DiskError> {
+        let mut done = 0;
+        // Each round either coalesces one layer or finds the structure changed and
+        // looks again; bounded so that a bug can never spin forever.
+        for _ in 0..10_000 {
+            let found = {
+                let g = self.read_guard();
+                next_coalesce(&g).map(|(parent, child)| {
+                    let frozen = g.layers.get(&child).is_some_and(|c| c.owner.is_none());
+                    (parent, child, frozen)
+                })
+            };
+            let Some((parent, child, frozen)) = found else {
+                return Ok(done);
+            };
+            let generation = self.coalesce_generation.load(Ordering::SeqCst);
+            let copied = frozen && self.copy_frozen_child(parent, child)?;
+            let mut g = self.write_guard();
+            if next_coalesce_of(&g, parent) != Some(child) {
+                continue; // changed meanwhile: look again
+            }
+            let child_frozen = g.layers.get(&child).is_some_and(|c| c.owner.is_none());
+            let mut doomed = Vec::new();
+            if copied
+                && child_frozen
+                && self.coalesce_generation.load(Ordering::SeqCst) == generation
+            {
+                self.finish_coalesce(&mut g, parent, child, &mut doomed)?;
+            } else {
+                self.coalesce_into_parent(&mut g, parent, &mut doomed)?;
+            }
+            self.collect_garbage(&mut g, &mut doomed, false)?;
+            self.save(&g)?;
+            drop(g);
+            self.remove_files(&doomed);
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Copies the allocated blocks of the frozen layer `child` into `parent`'s data file,
+    /// 1 MiB at a time, each slice under the read lock. False when the structure changed
+    /// (the caller looks again).
+    fn copy_frozen_child(&self, parent: u64, child: u64) -> Result<bool, DiskError> {
+        let runs: Vec<(u64, u64)> = {
+            let g = self.read_guard();
+            match g.layers.get(&child) {
+                Some(c) => c.alloc.runs(),
+                None => return Ok(false),
+            }
+        };
+        let mut buf = vec![0u8; (16 * BS) as usize];
+        for (first, count) in runs {
+            let mut b = first;
+            while b < first + count {
+                let n = (first + count - b).min(16);
+                let g = self.read_guard();
+                let (Some(c), Some(p)) = (g.layers.get(&child), g.layers.get(&parent)) else {
+                    return Ok(false);
+                };
+                if c.owner.is_some() || c.parent != Some(parent) {
+                    return Ok(false);
+                }
+                let off = b * BS;
+                let len = (n * BS).min(c.size - off) as usize;
+                pread_full(&c.data, &mut buf[..len], off)
+                    .map_err(io_err("read", &self.layer_path(child, "data")))?;
+                p.data
+                    .write_all_at(&buf[..len], off)
+                    .map_err(io_err("write", &self.layer_path(parent, "data")))?;
+                b += n;
+            }
+        }
+        Ok(true)
     }
 
     /// Grows disk `id` to `new_size` bytes (and its CBT log). Shrinking fails like SM
@@ -1211,9 +1392,15 @@ impl DiskStore {
         Ok(())
     }
 
-    /// Deletes ownerless layers without children and coalesces ownerless layers with
-    /// exactly one child, until nothing changes. Deleted layer ids go to `doomed`.
-    fn collect_garbage(&self, g: &mut Inner, doomed: &mut Vec<u64>) -> Result<(), DiskError> {
+    /// Deletes ownerless layers without children and (with `coalesce`) coalesces
+    /// ownerless layers with exactly one child, until nothing changes. Deleted layer ids
+    /// go to `doomed`.
+    fn collect_garbage(
+        &self,
+        g: &mut Inner,
+        doomed: &mut Vec<u64>,
+        coalesce: bool,
+    ) -> Result<(), DiskError> {
         loop {
             let dead: Vec<u64> = g
                 .layers
@@ -1231,13 +1418,11 @@ impl DiskStore {
                 doomed.push(id);
                 continue;
             }
-            let single = g
-                .layers
-                .iter()
-                .find(|(_, l)| l.owner.is_none() && l.children == 1)
-                .map(|(id, _)| *id);
-            match single {
-                Some(p) => self.coalesce_into_parent(g, p, doomed)?,
+            if !coalesce {
+                return Ok(());
+            }
+            match next_coalesce(g) {
+                Some((p, _)) => self.coalesce_into_parent(g, p, doomed)?,
                 None => return Ok(()),
             }
         }
@@ -1251,19 +1436,11 @@ impl DiskStore {
         parent: u64,
         doomed: &mut Vec<u64>,
     ) -> Result<(), DiskError> {
-        let child = g
-            .layers
-            .iter()
-            .find(|(_, l)| l.parent == Some(parent))
-            .map(|(id, _)| *id)
-            .ok_or_else(|| self.corrupt("child"))?;
-        let ppath = self.layer_path(parent, "data");
+        let child = next_coalesce_of(g, parent).ok_or_else(|| self.corrupt("child"))?;
         {
             let c = &g.layers[&child];
             let p = &g.layers[&parent];
-            if c.size > p.size {
-                p.data.set_len(c.size).map_err(io_err("resize", &ppath))?;
-            }
+            let ppath = self.layer_path(parent, "data");
             let mut buf = vec![0u8; (16 * BS) as usize];
             for (first, count) in c.alloc.runs() {
                 let mut b = first;
@@ -1278,6 +1455,30 @@ impl DiskStore {
                         .map_err(io_err("write", &ppath))?;
                     b += n;
                 }
+            }
+        }
+        self.finish_coalesce(g, parent, child, doomed)
+    }
+
+    /// The second half of a coalesce, once the child's blocks are in the parent's data
+    /// file: the parent takes the child's allocation, owner, children and place.
+    fn finish_coalesce(
+        &self,
+        g: &mut Inner,
+        parent: u64,
+        child: u64,
+        doomed: &mut Vec<u64>,
+    ) -> Result<(), DiskError> {
+        self.coalesce_generation.fetch_add(1, Ordering::SeqCst);
+        let ppath = self.layer_path(parent, "data");
+        {
+            let c = g.layers.get(&child).ok_or_else(|| self.corrupt("child"))?;
+            let p = g
+                .layers
+                .get(&parent)
+                .ok_or_else(|| self.corrupt("parent"))?;
+            if c.size > p.size {
+                p.data.set_len(c.size).map_err(io_err("resize", &ppath))?;
             }
         }
         let c = g
@@ -1447,6 +1648,27 @@ fn chain_layers(g: &Inner, leaf: u64) -> Vec<&Layer> {
         .collect()
 }
 
+/// The first frozen (ownerless) layer left with exactly one child, and that child: the
+/// next coalesce to do.
+fn next_coalesce(g: &Inner) -> Option<(u64, u64)> {
+    g.layers
+        .iter()
+        .filter(|(_, l)| l.owner.is_none() && l.children == 1)
+        .find_map(|(id, _)| next_coalesce_of(g, *id).map(|c| (*id, c)))
+}
+
+/// The only child of `parent` when `parent` is frozen (ownerless) with one child.
+fn next_coalesce_of(g: &Inner, parent: u64) -> Option<u64> {
+    let p = g.layers.get(&parent)?;
+    if p.owner.is_some() || p.children != 1 {
+        return None;
+    }
+    g.layers
+        .iter()
+        .find(|(_, l)| l.parent == Some(parent))
+        .map(|(id, _)| *id)
+}
+
 /// Index in `chain` of the first layer that holds block `b`.
 fn source_of(chain: &[&Layer], b: u64) -> Option<usize> {
     chain.iter().position(|l| l.alloc.get(b))
@@ -1458,4 +1680,95 @@ fn union_alloc(chain: &[&Layer], nblocks: u64) -> BlockBitmap {
         out.or_with(&l.alloc);
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn read_all(store: &DiskStore, id: &str) -> Vec<u8> {
+        let size = store.info(id).unwrap().size;
+        let mut buf = vec![0u8; size as usize];
+        store.read_at(id, 0, &mut buf).unwrap();
+        buf
+    }
+
+    fn layer_files(dir: &Path) -> usize {
+        fs::read_dir(dir.join("layers")).unwrap().count()
+    }
+
+    /// The backup pattern: a kept base snapshot, guest writes, a new snapshot, then the
+    /// old base destroyed. The destroy leaves the coalesce of the frozen layer (its only
+    /// child is frozen too) pending; the background coalescer does it without changing
+    /// any disk's data.
+    #[test]
+    fn destroy_leaves_the_coalesce_to_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(DiskStore::open(dir.path()).unwrap());
+        s.create("vm", "sr", 4 * MIB).unwrap();
+        s.enable_cbt("vm").unwrap();
+        s.guest_write_blocks("vm", 1, &[0, 3, 9, 40, 63]).unwrap();
+        s.snapshot("vm", "base1").unwrap();
+        s.guest_write_blocks("vm", 2, &[3, 10, 41]).unwrap();
+        s.snapshot("vm", "base2").unwrap();
+        s.guest_write_blocks("vm", 3, &[11]).unwrap();
+        let (vm, base2) = (read_all(&s, "vm"), read_all(&s, "base2"));
+        assert_eq!(s.info("vm").unwrap().chain_depth, 3);
+
+        assert!(s.destroy_deferring_coalesce("base1").unwrap());
+        // Not coalesced yet: the chain is as long, the data the same.
+        assert_eq!(s.info("vm").unwrap().chain_depth, 3);
+        assert_eq!(read_all(&s, "vm"), vm);
+        assert_eq!(read_all(&s, "base2"), base2);
+        let changed = s.list_changed_blocks("base2", "vm").unwrap();
+        assert_eq!(changed.runs(), vec![(11, 1)]);
+
+        s.start_gc();
+        s.wait_gc_idle();
+        assert_eq!(s.info("vm").unwrap().chain_depth, 2);
+        assert_eq!(s.info("base2").unwrap().chain_depth, 2);
+        assert_eq!(read_all(&s, "vm"), vm);
+        assert_eq!(read_all(&s, "base2"), base2);
+        // Nothing left to do; 3 layers (root, two leaves) of two files each.
+        assert_eq!(s.coalesce_pending().unwrap(), 0);
+        assert_eq!(layer_files(dir.path()), 6);
+        // Reopened, the store has the same layers and data.
+        drop(s);
+        let s = DiskStore::open(dir.path()).unwrap();
+        assert_eq!(s.info("vm").unwrap().chain_depth, 2);
+        assert_eq!(read_all(&s, "vm"), vm);
+        assert_eq!(read_all(&s, "base2"), base2);
+    }
+
+    /// A frozen layer whose only child is a live leaf (guest writes may come) is
+    /// coalesced under the write lock; `data_destroy` defers it like `destroy`.
+    #[test]
+    fn a_leaf_child_is_coalesced_under_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStore::open(dir.path()).unwrap();
+        s.create("vm", "sr", 2 * MIB).unwrap();
+        s.enable_cbt("vm").unwrap();
+        s.guest_write_blocks("vm", 1, &[0, 5, 31]).unwrap();
+        s.snapshot("vm", "base").unwrap();
+        s.guest_write_blocks("vm", 2, &[5, 6]).unwrap();
+        let vm = read_all(&s, "vm");
+        assert!(s.data_destroy_deferring_coalesce("base").unwrap());
+        assert!(!s.info("base").unwrap().has_data);
+        assert_eq!(s.info("vm").unwrap().chain_depth, 2);
+        assert_eq!(s.coalesce_pending().unwrap(), 1);
+        assert_eq!(s.info("vm").unwrap().chain_depth, 1);
+        assert_eq!(read_all(&s, "vm"), vm);
+        assert_eq!(s.sr_physical_utilisation("sr"), 4 * BS); // blocks 0, 5, 6, 31
+        assert_eq!(layer_files(dir.path()), 2);
+        // A reopened store finishes a pending coalesce itself.
+        s.snapshot("vm", "b2").unwrap();
+        assert!(s.destroy_deferring_coalesce("b2").unwrap());
+        drop(s);
+        let s = DiskStore::open(dir.path()).unwrap();
+        assert_eq!(s.info("vm").unwrap().chain_depth, 1);
+        assert_eq!(read_all(&s, "vm"), vm);
+    }
 }

@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 use std::io;
 
 use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use tokio::runtime::Handle;
 use xenvault_formats::vhd::{DEFAULT_BLOCK_SIZE, ParentSpec, VhdEncoder, VhdSpec};
 use xenvault_formats::xva::{ChecksumKind, OvaXml};
@@ -15,8 +17,9 @@ use xenvault_repo::{DiskReader, FixedIndex, Manifest, Repository};
 use xenvault_types::{Extent, ExtentData};
 
 use super::{RepoDisk, RepoFailure, point_label, repo_disks};
-use crate::restore::RestoreError;
+use crate::restore::content::{Sink, blocking_stream, send};
 use crate::restore::rebuild::{encode_xva, ova_from_records, records_from_json};
+use crate::restore::{Cancel, ProgressFn, RestoreError, RestorePhase, RestoreProgress};
 
 /// Pieces of zeros sent for holes (never copied).
 const ZERO_PIECE: usize = 1 << 20;
@@ -136,6 +139,86 @@ pub(crate) fn emit_zeros(
         len -= step as u64;
     }
     Ok(())
+}
+
+/// The disk an upload sends, and how its body is produced and reported.
+pub(crate) struct DiskBody {
+    pub repo: Repository,
+    pub manifest: Manifest,
+    pub key: String,
+    /// Only these chunks (by index), or the whole disk.
+    pub chunks: Option<Vec<u64>>,
+    pub parallel: usize,
+    pub failure: RepoFailure,
+    pub progress: ProgressFn,
+    pub cancel: Cancel,
+    /// The bytes the body must hold (announced to XAPI beforehand).
+    pub len: u64,
+}
+
+/// The HTTP body of one disk's upload: on a blocking thread, `encode`
+/// turns the disk's extents into pieces (raw, chunked or VHD), each sent
+/// with the restore's progress; a body of any other length than `len` ends
+/// with an error rather than an upload XAPI would take short.
+pub(crate) fn disk_upload_body<F>(
+    body: DiskBody,
+    encode: F,
+) -> BoxStream<'static, io::Result<Bytes>>
+where
+    F: FnOnce(&mut BlockingDisk, &mut dyn FnMut(Bytes) -> io::Result<()>) -> io::Result<u64>
+        + Send
+        + 'static,
+{
+    let DiskBody {
+        repo,
+        manifest,
+        key,
+        chunks,
+        parallel,
+        failure,
+        progress,
+        cancel,
+        len,
+    } = body;
+    blocking_stream(cancel, move |tx| {
+        let mut reader = BlockingDisk::open(
+            Handle::current(),
+            &repo,
+            &manifest,
+            &key,
+            chunks,
+            parallel.max(1),
+            failure,
+        )?;
+        let produced = encode(&mut reader, &mut sending(tx, &progress, len))?;
+        if produced != len {
+            return Err(io::Error::other(format!(
+                "{produced} bytes produced where {len} were announced"
+            )));
+        }
+        Ok(())
+    })
+    .boxed()
+}
+
+/// An `emit` for the producers below: sends each piece into an upload's
+/// body and reports the bytes sent so far against `total`.
+pub(crate) fn sending<'a>(
+    sink: &'a Sink,
+    progress: &'a ProgressFn,
+    total: u64,
+) -> impl FnMut(Bytes) -> io::Result<()> + 'a {
+    let mut done = 0u64;
+    move |piece: Bytes| {
+        done += piece.len() as u64;
+        send(sink, piece)?;
+        progress(RestoreProgress {
+            phase: RestorePhase::Uploading,
+            done,
+            total,
+        });
+        Ok(())
+    }
 }
 
 /// The whole disk as raw bytes, exactly `size` of them (holes as zeros).

@@ -10,10 +10,8 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures::StreamExt as _;
 use serde::Serialize;
-use tokio::runtime::Handle;
 use xenvault_repo::{ChunkId, FixedIndex, Manifest, Repository};
 use xenvault_types::ExtentData;
 use xenvault_xapi::http::handler_url;
@@ -22,13 +20,12 @@ use xenvault_xapi::records::{NetworkPurpose, PowerState, Vdi, VdiRef, VdiType};
 use xenvault_xapi::task::WaitOptions;
 
 use super::encode::{
-    BlockingDisk, VHD_BLOCK_SIZE, chunked_len, chunked_pieces, sparse_overlay_vhd,
+    DiskBody, VHD_BLOCK_SIZE, chunked_len, chunked_pieces, disk_upload_body, sparse_overlay_vhd,
     vhd_blocks_of_chunks, vhd_pieces,
 };
 use super::pool::put_raw_vdi;
 use super::{DEFAULT_PARALLEL, RepoFailure, point_label, select_disk};
 use crate::restore::connect::PoolConnection;
-use crate::restore::content::{blocking_stream, send};
 use crate::restore::{
     Cancel, DiskSelector, ProgressFn, RestoreError, RestorePhase, RestoreProgress,
 };
@@ -520,45 +517,23 @@ pub async fn restore_repo_disk_into(
     let upload_format = if enc.is_some() { "vhd" } else { "chunked" };
     let chunk_size = u64::from(index.chunk_size);
     let failure = RepoFailure::default();
-    let body = {
-        let (repo, manifest, key) = (repo.clone(), manifest.clone(), disk.key.clone());
-        let (failure, progress) = (failure.clone(), progress.clone());
-        let parallel = options.parallel.max(1);
-        let chunks = differing.clone();
-        blocking_stream(options.cancel.clone(), move |tx| {
-            let mut reader = BlockingDisk::open(
-                Handle::current(),
-                &repo,
-                &manifest,
-                &key,
-                Some(chunks),
-                parallel,
-                failure,
-            )?;
-            let mut done = 0u64;
-            let mut emit = |piece: Bytes| {
-                done += piece.len() as u64;
-                send(tx, piece)?;
-                progress(RestoreProgress {
-                    phase: RestorePhase::Uploading,
-                    done,
-                    total: len,
-                });
-                Ok(())
-            };
-            let produced = match enc {
-                Some(enc) => vhd_pieces(&mut reader, enc, &mut emit)?,
-                None => chunked_pieces(&mut reader, chunk_size, &mut emit)?,
-            };
-            if produced != len {
-                return Err(std::io::Error::other(format!(
-                    "{produced} bytes produced where {len} were announced"
-                )));
-            }
-            Ok(())
-        })
-        .boxed()
-    };
+    let body = disk_upload_body(
+        DiskBody {
+            repo: repo.clone(),
+            manifest: manifest.clone(),
+            key: disk.key.clone(),
+            chunks: Some(differing.clone()),
+            parallel: options.parallel,
+            failure: failure.clone(),
+            progress: progress.clone(),
+            cancel: options.cancel.clone(),
+            len,
+        },
+        move |reader, emit| match enc {
+            Some(enc) => vhd_pieces(reader, enc, emit),
+            None => chunked_pieces(reader, chunk_size, emit),
+        },
+    );
     let what = format!(
         "writing {} differing chunks of disk {} of {label} into VDI {}",
         differing.len(),

@@ -16,12 +16,12 @@ use xenvault_xapi::http::handler_url;
 use xenvault_xapi::records::VdiRef;
 
 use super::encode::{
-    BlockingDisk, VHD_BLOCK_SIZE, dynamic_vhd, manifest_ova, raw_pieces, vhd_blocks_of_index,
-    vhd_pieces, xva_pieces,
+    DiskBody, VHD_BLOCK_SIZE, disk_upload_body, dynamic_vhd, manifest_ova, raw_pieces, sending,
+    vhd_blocks_of_index, vhd_pieces, xva_pieces,
 };
 use super::{DEFAULT_PARALLEL, RepoDisk, RepoFailure, point_label, select_disk};
 use crate::restore::connect::{PoolConnection, settle_transfer};
-use crate::restore::content::{blocking_stream, send};
+use crate::restore::content::blocking_stream;
 use crate::restore::disk::{VdiGuard, create_vdi};
 use crate::restore::rebuild::{blank_disks_xva, measure_ova};
 use crate::restore::vm::{
@@ -255,7 +255,6 @@ fn xva_body(
     let parallel = options.parallel.max(1);
     blocking_stream(options.cancel.clone(), move |tx| {
         let handle = Handle::current();
-        let mut done = 0u64;
         let produced = xva_pieces(
             &handle,
             &repo,
@@ -266,16 +265,7 @@ fn xva_body(
             &failure,
             // What current XAPI writes.
             ChecksumKind::XxHash,
-            &mut |piece| {
-                done += piece.len() as u64;
-                send(tx, piece)?;
-                progress(RestoreProgress {
-                    phase: RestorePhase::Uploading,
-                    done,
-                    total: upload_len,
-                });
-                Ok(())
-            },
+            &mut sending(tx, &progress, upload_len),
         )?;
         if produced != upload_len {
             return Err(std::io::Error::other(format!(
@@ -502,44 +492,24 @@ async fn upload_disk(
     let label = point_label(manifest);
     let DiskUpload { format, len, vhd } = upload;
     let failure = RepoFailure::default();
-    let body = {
-        let (repo, manifest, key) = (repo.clone(), manifest.clone(), disk.key.clone());
-        let (failure, progress) = (failure.clone(), progress.clone());
-        let (parallel, size) = (parallel.max(1), disk.size);
-        blocking_stream(cancel.clone(), move |tx| {
-            let mut reader = BlockingDisk::open(
-                Handle::current(),
-                &repo,
-                &manifest,
-                &key,
-                None,
-                parallel,
-                failure,
-            )?;
-            let mut done = 0u64;
-            let mut emit = |piece: Bytes| {
-                done += piece.len() as u64;
-                send(tx, piece)?;
-                progress(RestoreProgress {
-                    phase: RestorePhase::Uploading,
-                    done,
-                    total: len,
-                });
-                Ok(())
-            };
-            let produced = match vhd {
-                None => raw_pieces(&mut reader, size, &mut emit)?,
-                Some(enc) => vhd_pieces(&mut reader, enc, &mut emit)?,
-            };
-            if produced != len {
-                return Err(std::io::Error::other(format!(
-                    "{produced} bytes produced where {len} were announced"
-                )));
-            }
-            Ok(())
-        })
-        .boxed()
-    };
+    let size = disk.size;
+    let body = disk_upload_body(
+        DiskBody {
+            repo: repo.clone(),
+            manifest: manifest.clone(),
+            key: disk.key.clone(),
+            chunks: None,
+            parallel,
+            failure: failure.clone(),
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+            len,
+        },
+        move |reader, emit| match vhd {
+            None => raw_pieces(reader, size, emit),
+            Some(enc) => vhd_pieces(reader, enc, emit),
+        },
+    );
     let what = format!(
         "upload of disk {} of {label} into VDI {vdi}",
         disk.describe()
