@@ -244,19 +244,8 @@ async fn measure(sim: &Simulator, args: &SimArgs, work: &Path) -> anyhow::Result
         };
         rows.push(Row {
             path: format!("raw export, HTTP, {ZERO_COPY}"),
-            best: best_of(args.runs, || {
-                let (addr, target) = (addr.clone(), target.clone());
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        let t0 = Instant::now();
-                        let n = crate::splice::http_get(&addr, &target)?;
-                        if n != size {
-                            bail!("raw export gave {n} bytes, expected {size}");
-                        }
-                        Ok(t0.elapsed())
-                    })
-                    .await?
-                }
+            best: best_of_zero_copy(args.runs, size, move || {
+                crate::splice::http_get(&addr, &target)
             })
             .await?,
             bytes: size,
@@ -333,19 +322,8 @@ async fn measure(sim: &Simulator, args: &SimArgs, work: &Path) -> anyhow::Result
         let name = info.exportname.clone();
         rows.push(Row {
             path: format!("NBD read of the whole disk, {connections} connection(s), {ZERO_COPY}"),
-            best: best_of(args.runs, || {
-                let (addr, name) = (addr.clone(), name.clone());
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        let t0 = Instant::now();
-                        let n = crate::splice::nbd_read(&addr, &name, size, connections, 2 << 20)?;
-                        if n != size {
-                            bail!("NBD read gave {n} bytes, expected {size}");
-                        }
-                        Ok(t0.elapsed())
-                    })
-                    .await?
-                }
+            best: best_of_zero_copy(args.runs, size, move || {
+                crate::splice::nbd_read(&addr, &name, size, connections, 2 << 20)
             })
             .await?,
             bytes: size,
@@ -354,6 +332,29 @@ async fn measure(sim: &Simulator, args: &SimArgs, work: &Path) -> anyhow::Result
     }
     let _ = session.logout().await;
     Ok(rows)
+}
+
+/// [`best_of`] for a blocking zero-copy read that must return `size` bytes.
+async fn best_of_zero_copy<F>(runs: u32, size: u64, read: F) -> anyhow::Result<Duration>
+where
+    F: Fn() -> anyhow::Result<u64> + Send + Sync + 'static,
+{
+    let read = std::sync::Arc::new(read);
+    best_of(runs, || {
+        let read = read.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let t0 = Instant::now();
+                let n = read()?;
+                if n != size {
+                    bail!("the read gave {n} bytes, expected {size}");
+                }
+                Ok(t0.elapsed())
+            })
+            .await?
+        }
+    })
+    .await
 }
 
 async fn best_of<F, Fut>(runs: u32, mut f: F) -> anyhow::Result<Duration>

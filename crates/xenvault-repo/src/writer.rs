@@ -51,7 +51,7 @@ pub const MAX_DISK_SIZE: u64 = 1 << 46;
 #[derive(Debug, Clone)]
 pub struct WriteOptions {
     /// Chunks being hashed, compressed, encrypted or uploaded at once, per disk
-    /// (default 12: a chunk's fsync or upload mostly waits, so more than the
+    /// (default 12: a chunk's upload, or its local write-back, mostly waits, so more than the
     /// cores; memory is about twice this many chunks). On the 2-core bench
     /// machine, local backend, 1 MiB chunks: 6 → 250-290 MB/s, 12 → 300-450.
     pub max_in_flight: usize,

@@ -194,6 +194,7 @@ async fn kill9_at_random_moments() {
     let mut seen = std::collections::HashSet::new();
     let mut interrupted = 0;
     let mut old_locks = std::collections::HashSet::new();
+    let mut temporaries_left = 0;
     for trial in 0..20 {
         let mut child = std::process::Command::new(&exe)
             .args([
@@ -289,6 +290,8 @@ async fn kill9_at_random_moments() {
         // or a pending prune mark.
         // Locks of earlier killed children stay until they go stale, so only
         // a lock this trial's child left counts.
+        // Temporaries a kill left (staged chunks, half-written objects).
+        temporaries_left += temporaries(dir.path()).len();
         let keys = s.list("").await.unwrap();
         if keys.iter().any(|m| {
             (m.key.starts_with("locks/") && !old_locks.contains(&m.key)) || m.key == "prune/mark"
@@ -313,9 +316,13 @@ async fn kill9_at_random_moments() {
         "only {interrupted} kills interrupted an operation"
     );
     eprintln!(
-        "kill9: {} restore points written, {interrupted} of 20 kills mid-operation",
+        "kill9: {} restore points written, {interrupted} of 20 kills mid-operation, \
+         {temporaries_left} temporaries seen after kills",
         seen.len()
     );
+    // Kills inside backups leave staged chunks' temporaries (ADR 0008), which
+    // the children's sweeps and the one below must clean up.
+    assert!(temporaries_left >= 1, "no kill ever left a temporary");
     // The next run completes, and prune leaves a clean, verified repository.
     let repo = Repository::open(s, None).await.unwrap();
     let parent = repo.latest_restore_point("vm").await.unwrap();

@@ -56,6 +56,9 @@ pub enum StepKind {
         target_name: String,
         /// The raw file to write.
         target: PathBuf,
+        /// fsync the file before renaming it (the engine's default); off,
+        /// the restore does what restic and borg do.
+        sync: bool,
     },
 }
 
@@ -136,7 +139,8 @@ pub async fn run(json: &str) -> anyhow::Result<()> {
             config,
             target_name,
             target,
-        } => job_restore(&spec, config, target_name, target).await?,
+            sync,
+        } => job_restore(&spec, config, target_name, target, *sync).await?,
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
@@ -322,6 +326,7 @@ async fn job_restore(
     config: &std::path::Path,
     target_name: &str,
     file: &std::path::Path,
+    sync: bool,
 ) -> anyhow::Result<StepResult> {
     use xenvault_engine::restore::DiskSelector;
     use xenvault_engine::restore::repo::{
@@ -339,6 +344,7 @@ async fn job_restore(
     let mut options = FileRestoreOptions::new(file, FileFormat::Raw);
     options.disk = Some(DiskSelector::VdiUuid(spec.vdi_uuid.clone()));
     options.overwrite = true;
+    options.sync = sync;
     let restored = restore_repo_to_file(&repo, &manifest, &options, Arc::new(|_| {})).await?;
     Ok(StepResult {
         bytes: restored.bytes,
