@@ -39,6 +39,10 @@ pub struct SimArgs {
     out: String,
 }
 
+/// Read requests of the zero-copy NBD reader (xapi-nbd and the simulator
+/// take up to 32 MiB).
+const NBD_REQUEST: u64 = 8 << 20;
+
 /// How the zero-copy rows name their reader.
 const ZERO_COPY: &str = "zero-copy reader (`splice` to /dev/null: the server's rate)";
 
@@ -321,9 +325,12 @@ async fn measure(sim: &Simulator, args: &SimArgs, work: &Path) -> anyhow::Result
         let addr = format!("{}:{}", info.address, info.port);
         let name = info.exportname.clone();
         rows.push(Row {
-            path: format!("NBD read of the whole disk, {connections} connection(s), {ZERO_COPY}"),
+            path: format!(
+                "NBD read of the whole disk, {connections} connection(s), {} MiB requests, {ZERO_COPY}",
+                NBD_REQUEST >> 20
+            ),
             best: best_of_zero_copy(args.runs, size, move || {
-                crate::splice::nbd_read(&addr, &name, size, connections, 2 << 20)
+                crate::splice::nbd_read(&addr, &name, size, connections, NBD_REQUEST)
             })
             .await?,
             bytes: size,

@@ -166,8 +166,9 @@ enum ConnIo {
     Other(Box<dyn ByteStream>),
 }
 
-/// Zeros for [`Conn::write_zeros`].
-static ZERO_BLOCK: [u8; 64 * 1024] = [0; 64 * 1024];
+/// Zeros for [`Conn::write_zeros`]: 1 MiB, so a hole costs one write call
+/// per MiB (a static of zeros takes no room in the binary).
+static ZERO_BLOCK: [u8; 1 << 20] = [0; 1 << 20];
 
 impl Conn {
     /// Wraps a stream.
