@@ -514,6 +514,13 @@ fn print_done(forgotten: &[String], report: &PruneReport, grace: Duration) {
             plural(report.rescued_chunks as usize)
         ),
     }
+    if report.deleted_temporaries > 0 {
+        println!(
+            "Removed {} temporary file{} left by interrupted writes (older than the grace period).",
+            report.deleted_temporaries,
+            plural(report.deleted_temporaries as usize)
+        );
+    }
     let pending = report
         .sweep_deferred
         .as_deref()

@@ -592,9 +592,22 @@ fn check_verify_list_restore_and_prune() {
     );
     assert!(out.stdout.contains("Marked 2 unused chunks"), "{out:?}");
     assert!(!repo_dir.join("locks/dead00").exists());
+    // A temporary file of a write killed before its publish: swept, and said.
+    let stale = repo_dir.join("chunks/.tmp-999999999-00000000deadbeef");
+    std::fs::write(&stale, b"torn").unwrap();
     let out = run(&cat(&[&["prune", "--grace", "0", "--json"], &t]), 0);
     let p = out.json();
     assert_eq!(p["prune"]["deleted_chunks"], 2, "{p}");
+    assert_eq!(p["prune"]["deleted_temporaries"], 1, "{p}");
+    assert!(!stale.exists());
+    std::fs::write(&stale, b"torn").unwrap();
+    let out = run(&cat(&[&["prune", "--grace", "0"], &t]), 0);
+    assert!(
+        out.stdout
+            .contains("Removed 1 temporary file left by interrupted writes"),
+        "{out:?}"
+    );
+    assert!(!stale.exists());
     assert_eq!(p["forgotten"].as_array().unwrap().len(), 0);
     run(&cat(&[&["check"], &t]), 0);
     let out = run(&cat(&[&["list", "--json"], &t]), 0);
