@@ -465,6 +465,9 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
     let state = state_dir(config);
     let journal = Journal::open(&state).map_err(|e| JobError::Failed(e.to_string()))?;
     let run_id = new_run_id();
+    let _job_lock = journal
+        .lock_job(&job_cfg.name, &run_id)
+        .map_err(|e| JobError::Failed(e.to_string()))?;
     let _run_lock = journal
         .begin_run(&run_id)
         .map_err(|e| JobError::Failed(e.to_string()))?;

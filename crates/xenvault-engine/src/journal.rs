@@ -216,6 +216,16 @@ pub enum JournalError {
     /// A line could not be encoded.
     #[error("journal: cannot encode an entry: {0}")]
     Encode(String),
+    /// Another run of the same job holds its lock.
+    #[error(
+        "job {job} is already running ({holder}); this run stopped before touching the pool: wait for that run to end or stop it (two runs of one job would snapshot the same VMs twice)"
+    )]
+    JobBusy {
+        /// The job.
+        job: String,
+        /// Who holds it (pid, run id, start time), as that run wrote it.
+        holder: String,
+    },
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
@@ -272,6 +282,27 @@ impl Drop for RunLock {
     }
 }
 
+/// Held while a run of a job is under way: a second run of the same job
+/// (an overlapping cron start) is refused ([`Journal::lock_job`]). The lock
+/// is the kernel's (`flock`), so a killed run never leaves it taken.
+#[derive(Debug)]
+pub struct JobLock {
+    _file: File,
+}
+
+/// Keeps `[A-Za-z0-9-]` of a name for a file name, the rest as `_`.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 impl Journal {
     /// Opens (creating, mode 0700) the state directory `dir`.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
@@ -301,17 +332,53 @@ impl Journal {
     }
 
     fn run_lock_path(&self, run_id: &str) -> PathBuf {
-        let safe: String = run_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join("runs").join(format!("{safe}.lock"))
+        self.dir
+            .join("runs")
+            .join(format!("{}.lock", file_safe(run_id)))
+    }
+
+    /// Takes the lock of job `job` for run `run_id`, or says who holds it
+    /// ([`JournalError::JobBusy`]). The lock file keeps its holder's pid, run
+    /// id and start time for that message.
+    pub fn lock_job(&self, job: &str, run_id: &str) -> Result<JobLock, JournalError> {
+        let dir = self.dir.join("jobs");
+        std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let path = dir.join(format!("{}.lock", file_safe(job)));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = std::io::Read::read_to_string(&mut file, &mut holder);
+                let holder = holder.trim();
+                return Err(JournalError::JobBusy {
+                    job: job.to_string(),
+                    holder: if holder.is_empty() {
+                        "by a run that has not said who it is yet".to_string()
+                    } else {
+                        holder.to_string()
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+        }
+        let started = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let about = format!(
+            "run {run_id}, pid {}, started {started}",
+            std::process::id()
+        );
+        file.set_len(0)
+            .and_then(|()| std::io::Write::write_all(&mut file, about.as_bytes()))
+            .map_err(io_err("write", &path))?;
+        Ok(JobLock { _file: file })
     }
 
     /// Takes the exclusive journal lock (short critical sections).
@@ -1566,6 +1633,25 @@ mod tests {
             serde_json::from_str::<Entry>(released).unwrap().event,
             Event::Released
         );
+    }
+
+    #[test]
+    fn a_second_run_of_a_job_is_refused_naming_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let first = j.lock_job("nightly", "r1").unwrap();
+        let err = j.lock_job("nightly", "r2").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, JournalError::JobBusy { .. }), "{text}");
+        assert!(
+            text.contains("job nightly is already running (run r1, pid "),
+            "{text}"
+        );
+        // Another job runs meanwhile; the job is free again after the first run.
+        let other = j.lock_job("weekly", "r3").unwrap();
+        drop(first);
+        let again = j.lock_job("nightly", "r4").unwrap();
+        drop((other, again));
     }
 
     #[test]

@@ -190,3 +190,35 @@ fn newest_log(archive: &std::path::Path) -> String {
         .unwrap();
     std::fs::read_to_string(log).unwrap()
 }
+
+#[test]
+fn a_second_run_of_a_running_job_is_refused_before_touching_the_pool() {
+    let sim = Sim::start(&["--vms", "1", "--disk-size", "4M"]);
+    let pool = PoolCheck::new(&sim);
+    let before = pool.counts();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&sim, dir.path(), "all-vms = true", "");
+    // A run of the job is under way (its lock is held, as `run_job` holds it).
+    let journal = xenvault_engine::journal::Journal::open(&dir.path().join("state")).unwrap();
+    let running = journal
+        .lock_job("nightly", "20261122T013000Z-0001")
+        .unwrap();
+
+    let out = backup(&cfg);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("job nightly is already running (run 20261122T013000Z-0001, pid "),
+        "{out:?}"
+    );
+    assert_eq!(pool.counts(), before, "nothing may be created on the pool");
+    assert_eq!(
+        backup_support::points_of(&dir.path().join("archive"), "vm-01").0,
+        0
+    );
+
+    // Once that run ends, the job runs again.
+    drop(running);
+    let out = backup(&cfg);
+    assert_eq!(out.code, 0, "{out:?}");
+}
