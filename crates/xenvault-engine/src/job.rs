@@ -673,15 +673,27 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
                     r.notes.extend(notes);
                     r
                 };
+                let commit_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let work = COMMITTING.scope(commit_started.clone(), work);
                 let mut work = std::pin::pin!(work);
                 tokio::select! {
                     r = &mut work => return (r, false),
                     () = cancel.cancelled() => {}
                 }
+                // A VM that started to commit is let finish.
+                if commit_started.load(std::sync::atomic::Ordering::SeqCst) {
+                    tracing::info!(
+                        "VM {}: committing when the run was stopped; letting it finish",
+                        vm.name
+                    );
+                    return (work.await, false);
+                }
                 // Stopped: the work is dropped at its current await point,
                 // once a snapshot it may be creating is journaled (the
                 // closing sweep finds only journaled snapshots).
-                if let Some(r) = until_snapshot_journaled(work, &run, &vm.uuid).await {
+                if let Some(r) =
+                    until_snapshot_journaled(work.as_mut(), &run, &vm.uuid, &commit_started).await
+                {
                     return (r, false);
                 }
                 (
@@ -1073,6 +1085,21 @@ fn snapshot_in_flight(run: &RunContext, vm_uuid: &str) -> bool {
     }
 }
 
+tokio::task_local! {
+    /// Set by a VM's backup when it starts to commit (see [`committing`]).
+    static COMMITTING: Arc<std::sync::atomic::AtomicBool>;
+}
+
+/// Called by a VM's backup right before it commits its restore point or
+/// archive: from then on a stop of the run lets the VM's work finish
+/// (commit, keeping the new base, releasing the old one, retention) instead
+/// of dropping it, so a committed backup is never reported as not committed
+/// and the base it names is never destroyed by the stop's cleanup. Outside a
+/// run (tests, tools) it does nothing.
+pub(crate) fn committing() {
+    let _ = COMMITTING.try_with(|flag| flag.store(true, std::sync::atomic::Ordering::SeqCst));
+}
+
 /// Goes on with a stopped VM's `work` while a snapshot it is creating is
 /// not journaled yet (a snapshot created after the closing sweep would be
 /// left on the pool), at most [`SNAPSHOT_JOURNAL_LIMIT`]. `Some` when the
@@ -1081,9 +1108,13 @@ async fn until_snapshot_journaled<F: std::future::Future<Output = VmReport>>(
     mut work: std::pin::Pin<&mut F>,
     run: &RunContext,
     vm_uuid: &str,
+    commit_started: &std::sync::atomic::AtomicBool,
 ) -> Option<VmReport> {
     let deadline = tokio::time::Instant::now() + SNAPSHOT_JOURNAL_LIMIT;
     while snapshot_in_flight(run, vm_uuid) {
+        if commit_started.load(std::sync::atomic::Ordering::SeqCst) {
+            return Some(work.await);
+        }
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!(
                 "VM {vm_uuid}: its snapshot was still being created {} s after the stop; the next run's sweep removes it",
@@ -1320,6 +1351,23 @@ mod tests {
             .await
             .unwrap();
         assert!(RunOptions::default().cancel.reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_seen_by_the_run_of_its_vm_only() {
+        // Outside a VM's work (tools, tests) it does nothing and never panics.
+        committing();
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        COMMITTING
+            .scope(flag.clone(), async {
+                tokio::task::yield_now().await;
+                committing();
+            })
+            .await;
+        COMMITTING.scope(other.clone(), async {}).await;
+        assert!(flag.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!other.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]

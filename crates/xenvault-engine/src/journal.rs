@@ -290,17 +290,18 @@ pub struct JobLock {
     _file: File,
 }
 
-/// Keeps `[A-Za-z0-9-]` of a name for a file name, the rest as `_`.
+/// A name as a file name: `[A-Za-z0-9-]` kept, every other byte as `_xx`
+/// (hex), so two different names never share a file.
 fn file_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
 }
 
 impl Journal {

@@ -825,6 +825,9 @@ async fn finish_sink(
             detail: "the export held no VM".into(),
         }));
     };
+    if exported.is_ok() {
+        crate::job::committing();
+    }
     match exported {
         Ok(()) => match sink.finish(SinkMsg::Commit).await {
             Ok(Some(c)) => Ok(c),

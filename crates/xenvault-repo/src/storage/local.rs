@@ -52,7 +52,9 @@ struct Staging {
     state: Mutex<StagedSet>,
     /// One `publish` at a time: a second caller waits until the first has
     /// linked what it took, so its own `Ok` covers objects the first one took.
-    publishing: tokio::sync::Mutex<()>,
+    /// The guard travels into the blocking task, so a caller that stops
+    /// waiting (a cancelled run) does not let a second publish start early.
+    publishing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One staged object: its final path and its temporary file.
@@ -102,7 +104,7 @@ impl LocalStorage {
             root,
             staging: Arc::new(Staging {
                 state: Mutex::new(StagedSet::default()),
-                publishing: tokio::sync::Mutex::new(()),
+                publishing: Arc::new(tokio::sync::Mutex::new(())),
             }),
         })
     }
@@ -329,6 +331,16 @@ fn remove_temporaries(
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        // A directory xenvault did not make and may not read (`lost+found`
+        // when the repository is a file system's root): no temporaries of
+        // ours are in it, and it must not stop the sweep.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(
+                "prune: cannot look for temporaries in {}: {e}",
+                dir.display()
+            );
+            return Ok(0);
+        }
         Err(e) => return Err(e),
     };
     let mut removed = 0;
@@ -572,7 +584,7 @@ impl Storage for LocalStorage {
 
     fn publish(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
-            let _one_at_a_time = self.staging.publishing.lock().await;
+            let one_at_a_time = self.staging.publishing.clone().lock_owned().await;
             self.poisoned("publish", "(staged objects)")?;
             let mut batch: Vec<(u64, String, PathBuf, PathBuf)> = self
                 .staging
@@ -588,51 +600,71 @@ impl Storage for LocalStorage {
                 return Ok(());
             }
             let root = self.root.clone();
+            let staging = self.staging.clone();
+            // The whole publish, its bookkeeping included, runs to its end even
+            // when the caller stops waiting: a failure always poisons the
+            // instance, and the next publish starts only after this one.
             let res = tokio::task::spawn_blocking(move || {
-                let r = publish_blocking(&root, &batch);
-                (batch, r)
+                let outcome = publish_blocking(&root, &batch);
+                let mut set = staging.lock();
+                let result = match outcome {
+                    Ok(()) => {
+                        for (key, _, tmp) in &batch {
+                            if set.pending.get(key).is_some_and(|o| &o.tmp == tmp) {
+                                set.pending.remove(key);
+                            }
+                        }
+                        Ok(())
+                    }
+                    Err((key, e)) => {
+                        // The staged files' durability is unknown (a failed fsync
+                        // is not reported twice): never give them a name. Every
+                        // publish after this one fails too, for the objects it
+                        // took were staged by other writers as well.
+                        let why = e.to_string();
+                        let lost = std::mem::take(&mut set.pending);
+                        set.failed = Some(format!("{key}: {why}"));
+                        drop(set);
+                        for o in lost.values() {
+                            let _ = fs::remove_file(&o.tmp);
+                        }
+                        Err((key, why, lost.len()))
+                    }
+                };
+                drop(one_at_a_time);
+                result
             })
             .await;
-            let (batch, failure) = match res {
-                Ok((batch, Ok(()))) => (batch, None),
-                Ok((_, Err((key, e)))) => (Vec::new(), Some((key, e.to_string()))),
-                Err(e) => (
-                    Vec::new(),
-                    Some((
-                        "(staged objects)".to_string(),
-                        format!("blocking task failed: {e}"),
-                    )),
-                ),
-            };
-            let mut set = self.staging.lock();
-            if let Some((key, why)) = failure {
-                // The staged files' durability is unknown (a failed fsync is not
-                // reported twice): never give them a name. Every publish after
-                // this one fails too, for the objects it took were staged by
-                // other writers as well.
-                let lost = std::mem::take(&mut set.pending);
-                set.failed = Some(format!("{key}: {why}"));
-                drop(set);
-                for o in lost.values() {
-                    let _ = fs::remove_file(&o.tmp);
-                }
-                return Err(StorageError::new(
+            match res {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err((key, why, lost))) => Err(StorageError::new(
                     StorageErrorKind::Permanent,
                     "publish",
                     &key,
                     format!(
-                        "making {} staged objects durable failed: {why} (check the disk and \
-                         free space, then run the backup again)",
-                        lost.len()
+                        "making {lost} staged objects durable failed: {why} (check the disk and \
+                         free space, then run the backup again)"
                     ),
-                ));
-            }
-            for (key, _, tmp) in &batch {
-                if set.pending.get(key).is_some_and(|o| &o.tmp == tmp) {
-                    set.pending.remove(key);
+                )),
+                Err(e) => {
+                    // It stopped midway (a panic): what it synced is unknown.
+                    let why = format!("blocking task failed: {e}");
+                    let lost = {
+                        let mut set = self.staging.lock();
+                        set.failed = Some(format!("(staged objects): {why}"));
+                        std::mem::take(&mut set.pending)
+                    };
+                    for o in lost.values() {
+                        let _ = fs::remove_file(&o.tmp);
+                    }
+                    Err(StorageError::new(
+                        StorageErrorKind::Permanent,
+                        "publish",
+                        "(staged objects)",
+                        why,
+                    ))
                 }
             }
-            Ok(())
         })
     }
 

@@ -467,6 +467,7 @@ async fn run_vm(
         "snapshot_time": xenvault_types::report::rfc3339::format(&snapshot_time),
     });
     let xva = serde_json::json!({"format": "xenvault-ova-from-records", "version": 1});
+    crate::job::committing();
     let manifest = writer
         .commit(vm_records, xva, labels)
         .await
