@@ -218,6 +218,8 @@ pub fn nbd_read(
     request: u64,
 ) -> anyhow::Result<u64> {
     let connections = connections.max(1) as u64;
+    // NBD servers take 512-byte multiples up to 32 MiB per request.
+    let request = (request.clamp(512, 32 << 20) / 512) * 512;
     let share = size.div_ceil(connections).div_ceil(request) * request;
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..connections)
