@@ -206,6 +206,43 @@ pub fn sink_compression(c: ConfigCompression) -> Compression {
     }
 }
 
+/// The journaled snapshot a backup reads (without `ignore` VDIs), with the
+/// template flag `VM.snapshot` sets cleared, as every backup path does
+/// (docs/xapi-notes.md, "VM snapshot records"). `token` is set as soon as the
+/// journal knows the snapshot, so the caller's cleanup finds it.
+pub(crate) async fn snapshot_for_backup(
+    session: &Session,
+    run: &RunContext,
+    task: &VmTask,
+    ignore: &[VdiRef],
+    token: &mut Option<String>,
+) -> Result<TaggedSnapshot, StepError> {
+    let name = snapshot_name(&task.name, &run.run_id);
+    let snap =
+        match journal::snapshot_tagged(session, run, &task.vm_ref, &task.vm_uuid, &name, ignore)
+            .await
+        {
+            Ok(s) => {
+                *token = Some(s.token.clone());
+                s
+            }
+            Err((t, e)) => {
+                *token = Some(t);
+                return Err(StepError {
+                    step: Step::Snapshot,
+                    detail: e.to_string(),
+                });
+            }
+        };
+    session
+        .vm()
+        .set_is_a_template(&snap.vm_ref, false)
+        .await
+        .map_err(|e| e.to_string())
+        .map_err(step_err(Step::TemplateFlag))?;
+    Ok(snap)
+}
+
 /// The snapshot name: says what it is to a human; never used to find it.
 pub fn snapshot_name(vm_name: &str, run_id: &str) -> String {
     format!("{vm_name} (xenvault backup {run_id})")
@@ -284,35 +321,7 @@ async fn run_vm(
         Vec::new()
     };
 
-    let name = snapshot_name(&task.name, &p.run.run_id);
-    let snap: TaggedSnapshot = match journal::snapshot_tagged(
-        session,
-        &p.run,
-        &task.vm_ref,
-        &task.vm_uuid,
-        &name,
-        &ignore,
-    )
-    .await
-    {
-        Ok(s) => {
-            *token = Some(s.token.clone());
-            s
-        }
-        Err((t, e)) => {
-            *token = Some(t);
-            return Err(StepError {
-                step: Step::Snapshot,
-                detail: e.to_string(),
-            });
-        }
-    };
-    session
-        .vm()
-        .set_is_a_template(&snap.vm_ref, false)
-        .await
-        .map_err(|e| e.to_string())
-        .map_err(step_err(Step::TemplateFlag))?;
+    let snap = snapshot_for_backup(session, &p.run, task, &ignore, token).await?;
 
     let records = export_records(session, &snap.vm_ref)
         .await

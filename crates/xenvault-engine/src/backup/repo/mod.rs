@@ -35,7 +35,7 @@ use xenvault_xapi::task::WaitOptions;
 use crate::archive::meta;
 use crate::backup::{
     Progress, Step, StepError, VmResult, VmTask, disk_metas, export_records, keep_boot_disk,
-    non_boot_vdis, snapshot_name,
+    non_boot_vdis, snapshot_for_backup,
 };
 use crate::journal::{self, CleanupReport, RunContext, TaggedSnapshot};
 use crate::sink::{Committed, DiskMeta};
@@ -353,37 +353,7 @@ async fn run_vm(
     notes.extend(prep.notes);
     let parent = prep.parent;
 
-    let name = snapshot_name(&task.name, &p.run.run_id);
-    let snap = match journal::snapshot_tagged(
-        session,
-        &p.run,
-        &task.vm_ref,
-        &task.vm_uuid,
-        &name,
-        &ignore,
-    )
-    .await
-    {
-        Ok(s) => {
-            *token = Some(s.token.clone());
-            s
-        }
-        Err((t, e)) => {
-            *token = Some(t);
-            return Err(StepError {
-                step: Step::Snapshot,
-                detail: e.to_string(),
-            });
-        }
-    };
-    session
-        .vm()
-        .set_is_a_template(&snap.vm_ref, false)
-        .await
-        .map_err(|e| StepError {
-            step: Step::TemplateFlag,
-            detail: e.to_string(),
-        })?;
+    let snap = snapshot_for_backup(session, &p.run, task, &ignore, token).await?;
     let records = export_records(session, &snap.vm_ref)
         .await
         .map_err(|detail| StepError {
