@@ -228,6 +228,19 @@ pub enum JournalError {
     },
 }
 
+/// Runs `f`, blocking I/O that may wait for the disk (an fsync), without
+/// holding up the other tasks of a multi-threaded runtime: a worker blocked in
+/// a sync would also hold the task it was about to run, and with two workers
+/// the whole pipeline would stall behind the disk.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
     let path = path.to_path_buf();
     move |source| JournalError::Io {
@@ -421,7 +434,8 @@ impl Journal {
         }
     }
 
-    /// Appends `entry` and syncs it to disk.
+    /// Appends `entry` and syncs it to disk (called from async code: the
+    /// sync leaves the runtime's other tasks to another thread).
     pub fn append(&self, entry: &Entry) -> Result<(), JournalError> {
         let mut line =
             serde_json::to_string(entry).map_err(|e| JournalError::Encode(e.to_string()))?;
@@ -440,7 +454,8 @@ impl Journal {
         }
         file.write_all(line.as_bytes())
             .map_err(io_err("write", &path))?;
-        file.sync_data().map_err(io_err("sync", &path))?;
+        // The sync waits for the disk, behind whatever else it is writing.
+        off_runtime(|| file.sync_data()).map_err(io_err("sync", &path))?;
         Ok(())
     }
 

@@ -34,4 +34,4 @@ pub use prune::{PruneOptions, PruneReport};
 pub use reader::DiskReader;
 pub use repo::{EncryptionInit, InitOptions, KeyInfo, Repository};
 pub use retention::{Decision, KeepOptions, RestorePointInfo, RetentionPlan, plan_retention};
-pub use writer::{DiskCheckpoint, DiskWriter, RestorePointWriter, WriteOptions};
+pub use writer::{DiskCheckpoint, DiskWriter, RestorePointWriter, StagedCheckpoint, WriteOptions};

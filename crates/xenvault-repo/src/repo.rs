@@ -178,15 +178,20 @@ impl Repository {
             Some(enc) => {
                 let password = password.ok_or(RepoError::PasswordRequired)?;
                 let slots = read_slots(storage.as_ref()).await?;
-                let mut found = None;
-                for slot in &slots {
-                    if let Some(master) = slot.open(&config.id, password)? {
-                        found = Some((master, slot.id.clone()));
-                        break;
+                let count = slots.len();
+                // Argon2id takes a core for a while: off the runtime's threads.
+                let (repo_id, password) = (config.id, password.to_vec());
+                let found = tokio::task::spawn_blocking(move || -> Result<_> {
+                    for slot in &slots {
+                        if let Some(master) = slot.open(&repo_id, &password)? {
+                            return Ok(Some((master, slot.id.clone())));
+                        }
                     }
-                }
-                let (master, slot_id) =
-                    found.ok_or(RepoError::WrongPassword { slots: slots.len() })?;
+                    Ok(None)
+                })
+                .await
+                .map_err(|e| RepoError::Task(e.to_string()))??;
+                let (master, slot_id) = found.ok_or(RepoError::WrongPassword { slots: count })?;
                 (
                     Some(Arc::new(RepoKeys::derive(master, &config.id, enc.cipher)?)),
                     Some(slot_id),

@@ -473,6 +473,24 @@ pub struct DiskCheckpoint {
     pub index: FixedIndex,
 }
 
+/// A checkpoint whose chunks are stored but maybe not yet published
+/// ([`DiskWriter::stage_checkpoint`]).
+#[must_use = "a staged checkpoint is usable only once published"]
+pub struct StagedCheckpoint {
+    repo: Repository,
+    checkpoint: DiskCheckpoint,
+}
+
+impl StagedCheckpoint {
+    /// Publishes what the repository's storage has staged (these chunks and
+    /// any staged since), then returns the checkpoint: every chunk it names
+    /// below `done` is durable and visible.
+    pub async fn publish(self) -> Result<DiskCheckpoint> {
+        self.repo.storage.publish().await?;
+        Ok(self.checkpoint)
+    }
+}
+
 /// One disk of a restore point being written. Feed extents with
 /// [`write_extent`](Self::write_extent), then [`finish`](Self::finish).
 pub struct DiskWriter {
@@ -677,18 +695,29 @@ impl DiskWriter {
     /// interrupted backup). The chunk being filled, if any, is not part of it.
     /// Writing continues normally after.
     pub async fn checkpoint(&mut self) -> Result<DiskCheckpoint> {
+        self.stage_checkpoint().await?.publish().await
+    }
+
+    /// Waits until every chunk handed over so far is stored, and returns the
+    /// checkpoint they make, not yet usable: its chunks may still be staged
+    /// (ADR 0008). [`StagedCheckpoint::publish`] makes them durable and
+    /// visible, and can run while this writer goes on (ADR 0010), so a
+    /// checkpoint costs the pipeline a drain, not a disk flush.
+    pub async fn stage_checkpoint(&mut self) -> Result<StagedCheckpoint> {
         while !self.inflight.is_empty() {
             self.reap_one().await?;
         }
-        self.repo.storage.publish().await?;
         let done = match &self.cur {
             Some(p) => p.idx * self.chunk_size,
             None if self.pos >= self.index.disk_size => self.index.disk_size,
             None => self.pos / self.chunk_size * self.chunk_size,
         };
-        Ok(DiskCheckpoint {
-            done,
-            index: self.index.clone(),
+        Ok(StagedCheckpoint {
+            repo: self.repo.clone(),
+            checkpoint: DiskCheckpoint {
+                done,
+                index: self.index.clone(),
+            },
         })
     }
 

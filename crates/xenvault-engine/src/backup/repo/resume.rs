@@ -31,12 +31,12 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use xenvault_repo::{ChunkId, DiskWriter, FixedIndex, Repository};
+use xenvault_repo::{ChunkId, DiskCheckpoint, DiskWriter, FixedIndex, Repository};
 use xenvault_xapi::cbt::ChangedBlocks;
 
 use super::{DiskReadPlan, DiskSource, RepoPipeline, VmContext};
@@ -169,7 +169,19 @@ pub fn remove_state(dir: &Path) {
 }
 
 /// Checkpoints the disks of one VM backup (see the module docs).
+///
+/// A checkpoint that falls due while a disk is read is published and
+/// recorded by a background task (ADR 0010): the reader drains its chunks in
+/// flight and goes on while the disk flushes them. One such task runs at a
+/// time (the next due checkpoint, a failed read and the end of a disk wait
+/// for it), so states are written in order; dropping the recorder (a stopped
+/// run) cancels a task still running.
 pub struct ResumeRecorder {
+    shared: Arc<RecorderShared>,
+    background: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+struct RecorderShared {
     dir: PathBuf,
     pipeline: RepoPipeline,
     token: String,
@@ -191,6 +203,19 @@ struct RecorderState {
     broken: bool,
 }
 
+impl Drop for ResumeRecorder {
+    fn drop(&mut self) {
+        let task = self
+            .background
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            task.abort();
+        }
+    }
+}
+
 impl ResumeRecorder {
     /// A recorder for the VM backup of `vm_uuid` (with `disk_count` disks)
     /// from the snapshot of journal `token`.
@@ -202,28 +227,35 @@ impl ResumeRecorder {
         disk_count: usize,
     ) -> ResumeRecorder {
         ResumeRecorder {
-            dir: state_dir(p.run.journal.dir(), &p.run.pool, &p.run.job, vm_uuid),
-            pipeline: p.clone(),
-            token: token.to_string(),
-            snapshot_uuid: snapshot_uuid.to_string(),
-            vm_uuid: vm_uuid.to_string(),
-            disk_count,
-            parent: Mutex::new(None),
-            inner: tokio::sync::Mutex::new(RecorderState::default()),
-            since: Mutex::new(BTreeMap::new()),
+            shared: Arc::new(RecorderShared {
+                dir: state_dir(p.run.journal.dir(), &p.run.pool, &p.run.job, vm_uuid),
+                pipeline: p.clone(),
+                token: token.to_string(),
+                snapshot_uuid: snapshot_uuid.to_string(),
+                vm_uuid: vm_uuid.to_string(),
+                disk_count,
+                parent: Mutex::new(None),
+                inner: tokio::sync::Mutex::new(RecorderState::default()),
+                since: Mutex::new(BTreeMap::new()),
+            }),
+            background: Mutex::new(None),
         }
     }
 
     /// The restore point the writer was begun against (its parent).
     pub fn set_parent(&self, parent: Option<&str>) {
-        *self.parent.lock().unwrap_or_else(|e| e.into_inner()) = parent.map(str::to_string);
+        *self.shared.parent.lock().unwrap_or_else(|e| e.into_inner()) = parent.map(str::to_string);
     }
 
-    /// `len` bytes were fed to `dw`: checkpoints when due.
+    /// `len` bytes were fed to `dw`: checkpoints when due, the publishing
+    /// and recording in the background.
     pub async fn fed(&self, disk: &DiskSource, dw: &mut DiskWriter, len: u64) {
-        let interval = interval_for(disk.meta.virtual_size, self.pipeline.repo.chunk_size());
+        let interval = interval_for(
+            disk.meta.virtual_size,
+            self.shared.pipeline.repo.chunk_size(),
+        );
         let due = {
-            let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+            let mut since = self.shared.since.lock().unwrap_or_else(|e| e.into_inner());
             let entry = since
                 .entry(disk.key.clone())
                 .or_insert_with(|| (0, Instant::now()));
@@ -235,8 +267,40 @@ impl ResumeRecorder {
                 false
             }
         };
-        if due {
-            self.checkpoint(disk, dw).await;
+        if !due {
+            return;
+        }
+        let staged = match dw.stage_checkpoint().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("disk {}: no checkpoint ({e})", disk.key);
+                return;
+            }
+        };
+        // The previous one first: states are written in order.
+        self.settle().await;
+        let shared = self.shared.clone();
+        let (key, vdi_uuid) = (disk.key.clone(), disk.meta.vdi_uuid.clone());
+        let task = tokio::spawn(async move {
+            match staged.publish().await {
+                Ok(cp) => shared.record(&key, &vdi_uuid, cp).await,
+                Err(e) => tracing::warn!("disk {key}: no checkpoint ({e})"),
+            }
+        });
+        *self.background.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+    }
+
+    /// Waits for the checkpoint being recorded in the background, if any.
+    pub async fn settle(&self) {
+        let task = self
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task
+            && let Err(e) = task.await
+        {
+            tracing::warn!("VM {}: a checkpoint task failed: {e}", self.shared.vm_uuid);
         }
     }
 
@@ -245,23 +309,44 @@ impl ResumeRecorder {
         self.checkpoint(disk, dw).await;
     }
 
-    /// Before `DiskWriter::finish`: the whole disk is stored (recorded only
-    /// for VMs of several disks: a later disk may still fail).
+    /// Before `DiskWriter::finish`: waits for a checkpoint still being
+    /// recorded; then, for VMs of several disks (a later disk may still
+    /// fail), records the whole disk as stored.
     pub async fn finishing(&self, disk: &DiskSource, dw: &mut DiskWriter) {
-        if self.disk_count > 1 {
+        self.settle().await;
+        if self.shared.disk_count > 1 {
             self.checkpoint(disk, dw).await;
         }
     }
 
-    /// Checkpoints `dw` now (failures are logged: a checkpoint is a hint).
+    /// Checkpoints `dw` now, after the one in the background (failures are
+    /// logged: a checkpoint is a hint).
     pub async fn checkpoint(&self, disk: &DiskSource, dw: &mut DiskWriter) {
-        let cp = match dw.checkpoint().await {
-            Ok(cp) => cp,
-            Err(e) => {
-                tracing::warn!("disk {}: no checkpoint ({e})", disk.key);
-                return;
-            }
-        };
+        self.settle().await;
+        match dw.checkpoint().await {
+            Ok(cp) => self.shared.record(&disk.key, &disk.meta.vdi_uuid, cp).await,
+            Err(e) => tracing::warn!("disk {}: no checkpoint ({e})", disk.key),
+        }
+    }
+
+    /// True once a checkpoint names this run's snapshot.
+    pub async fn has_checkpoint(&self) -> bool {
+        self.settle().await;
+        self.shared.inner.lock().await.kept
+    }
+
+    /// The restore point is committed: the state is no longer needed.
+    pub async fn committed(&self) {
+        self.settle().await;
+        remove_state(&self.shared.dir);
+    }
+}
+
+impl RecorderShared {
+    /// Records the published checkpoint `cp` of disk `key` (read from the
+    /// snapshot VDI `vdi_uuid`): keeps the snapshot the first time, before
+    /// any state names it, then writes the state atomically.
+    async fn record(&self, key: &str, vdi_uuid: &str, cp: DiskCheckpoint) {
         if cp.done == 0 {
             return;
         }
@@ -292,11 +377,11 @@ impl ResumeRecorder {
             }
             st.kept = true;
         }
-        let index_file = format!("{}.{}.fidx", safe(&disk.key), safe(&self.token));
+        let index_file = format!("{}.{}.fidx", safe(key), safe(&self.token));
         st.disks.insert(
-            disk.key.clone(),
+            key.to_string(),
             ResumeDisk {
-                snapshot_vdi_uuid: disk.meta.vdi_uuid.clone(),
+                snapshot_vdi_uuid: vdi_uuid.to_string(),
                 size: cp.index.disk_size,
                 chunk_size: cp.index.chunk_size,
                 done: cp.done,
@@ -319,25 +404,33 @@ impl ResumeRecorder {
             updated: OffsetDateTime::now_utc(),
             disks: st.disks.clone(),
         };
-        let written = (|| -> std::io::Result<()> {
-            std::fs::create_dir_all(&self.dir)?;
-            write_atomic(&self.dir.join(&index_file), &cp.index.to_bytes())?;
+        let (dir, index_bytes) = (self.dir.clone(), cp.index.to_bytes());
+        // Files are synced: off the runtime's threads.
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            write_atomic(&dir.join(&index_file), &index_bytes)?;
             let json = serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?;
-            write_atomic(&self.dir.join("state.json"), &json)?;
+            write_atomic(&dir.join("state.json"), &json)?;
             // Index files of other snapshots are no longer named.
-            for entry in std::fs::read_dir(&self.dir)?.flatten() {
+            for entry in std::fs::read_dir(&dir)?.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if name.ends_with(".fidx") && !state.disks.values().any(|d| d.index_file == name) {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
             Ok(())
-        })();
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(std::io::Error::other(format!(
+                "the writing task failed: {e}"
+            )))
+        });
         match written {
             Ok(()) => tracing::debug!(
                 "VM {}: disk {} checkpointed at {} of {} bytes",
                 self.vm_uuid,
-                disk.key,
+                key,
                 cp.done,
                 cp.index.disk_size
             ),
@@ -350,16 +443,6 @@ impl ResumeRecorder {
                 st.broken = true;
             }
         }
-    }
-
-    /// True once a checkpoint names this run's snapshot.
-    pub async fn has_checkpoint(&self) -> bool {
-        self.inner.lock().await.kept
-    }
-
-    /// The restore point is committed: the state is no longer needed.
-    pub fn committed(&self) {
-        remove_state(&self.dir);
     }
 }
 
