@@ -368,7 +368,7 @@ pub async fn plan_job(config: &Config, job: &str, today: Weekday) -> Result<Back
     let (job_cfg, pools) = resolve(config, job)?;
     let journal = Journal::open(&state_dir(config)).map_err(|e| JobError::Failed(e.to_string()))?;
     let views = connect_all(&pools).await?;
-    let plan = plan::build(config, job_cfg, &views, &journal, today)
+    let plan = plan::build(config, job_cfg, &views, &journal, today, None)
         .await
         .map_err(|e| JobError::Failed(e.to_string()));
     for v in &views {
@@ -511,7 +511,16 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
     }
 
     // 2. The plan.
-    let plan = match plan::build(config, job_cfg, &views, &journal, options.today).await {
+    let plan = match plan::build(
+        config,
+        job_cfg,
+        &views,
+        &journal,
+        options.today,
+        repository.as_ref(),
+    )
+    .await
+    {
         Ok(p) => p,
         Err(e) => {
             for v in &views {

@@ -353,6 +353,7 @@ pub async fn build(
     pools: &[PoolView],
     journal: &Journal,
     today: Weekday,
+    opened: Option<&xenvault_repo::Repository>,
 ) -> Result<BackupPlan, PlanError> {
     let target = config.target(&job.target);
     let target_kind = target.map(|t| t.kind).unwrap_or_default();
@@ -406,7 +407,11 @@ pub async fn build(
     if let Some(t) = target.filter(|t| t.kind == TargetKind::Repository)
         && target_failure.is_none()
     {
-        let (c, _) = preflight::check_repository(t).await;
+        // A run has opened it already: no second key derivation.
+        let c = match opened {
+            Some(repo) => preflight::repository_opened(t, repo),
+            None => preflight::check_repository(t).await.0,
+        };
         if c.failed() {
             target_failure = Some(c.detail.clone());
         }

@@ -122,31 +122,36 @@ pub fn repo_error_is_config(e: &xenvault_repo::RepoError) -> bool {
 pub async fn check_repository(
     target: &xenvault_types::config::TargetConfig,
 ) -> (Check, Option<xenvault_repo::Repository>) {
-    let subject = target_location(target);
     match crate::repository::open_repository(target).await {
-        Ok(repo) => {
-            let c = repo.config();
-            let detail = format!(
-                "repository {} opened ({}, {} chunks)",
-                c.id,
-                if repo.is_encrypted() {
-                    "encrypted"
-                } else {
-                    "not encrypted"
-                },
-                human_bytes(u64::from(c.chunk_size))
-            );
-            (Check::pass(REPOSITORY, subject, detail), Some(repo))
-        }
+        Ok(repo) => (repository_opened(target, &repo), Some(repo)),
         Err(e) => (
             Check::fail(
                 REPOSITORY,
-                subject,
+                target_location(target),
                 format!("target {}: cannot open the repository: {e}", target.name),
             ),
             None,
         ),
     }
+}
+
+/// The passed check of a repository target that `repo` opened.
+pub fn repository_opened(
+    target: &xenvault_types::config::TargetConfig,
+    repo: &xenvault_repo::Repository,
+) -> Check {
+    let c = repo.config();
+    let detail = format!(
+        "repository {} opened ({}, {} chunks)",
+        c.id,
+        if repo.is_encrypted() {
+            "encrypted"
+        } else {
+            "not encrypted"
+        },
+        human_bytes(u64::from(c.chunk_size))
+    );
+    Check::pass(REPOSITORY, target_location(target), detail)
 }
 
 /// Writes, syncs, reads back and removes a small file in `dir` (creating

@@ -772,7 +772,9 @@ impl NbdConnection {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let buf = if command == cmd::READ {
-            vec![0u8; length as usize]
+            // Filled by the reply: a simple one reads into the spare capacity
+            // (no zeroing first), a structured one zero-fills it first.
+            Vec::with_capacity(length as usize)
         } else {
             Vec::new()
         };
@@ -1022,7 +1024,7 @@ async fn read_replies(
                 let result = if reply.error != 0 {
                     Err(pending.command_error(reply.error, String::new()))
                 } else if pending.command == cmd::READ {
-                    io.read_exact(&mut pending.buf)
+                    read_exact_into(io, &mut pending.buf, pending.length as usize)
                         .await
                         .map_err(io_err("read reply data"))?;
                     Ok(Reply::Data(std::mem::take(&mut pending.buf)))
@@ -1088,12 +1090,34 @@ async fn read_payload(io: &mut ReadHalf<BoxedIo>, length: u32) -> Result<Vec<u8>
     Ok(payload)
 }
 
+/// Reads exactly `len` bytes into `buf` (cleared first), straight into its
+/// spare capacity: the buffer is not zero-filled before being overwritten.
+async fn read_exact_into<S: AsyncRead + Unpin + ?Sized>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> std::io::Result<()> {
+    buf.clear();
+    buf.reserve_exact(len);
+    while buf.len() < len {
+        let want = (len - buf.len()) as u64;
+        if (&mut *io).take(want).read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
 async fn read_chunk(
     io: &mut ReadHalf<BoxedIo>,
     pending: &mut Pending,
     header: proto::StructuredReply,
     negotiated: Negotiated,
 ) -> Result<(), NbdError> {
+    if pending.command == cmd::READ && pending.buf.len() < pending.length as usize {
+        // Chunks fill it piece by piece, at any offset.
+        pending.buf.resize(pending.length as usize, 0);
+    }
     match header.kind {
         chunk::NONE => {
             if header.length != 0 {

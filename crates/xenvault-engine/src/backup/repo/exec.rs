@@ -278,7 +278,9 @@ async fn open_nbd(p: &RepoPipeline, disk: &DiskSource) -> Result<NbdMultiReader,
             options.tls = NbdTls::Off;
         }
         match NbdMultiReader::connect(&options, count).await {
-            Ok(r) => return Ok(r),
+            // Pieces of one chunk, aligned with the chunks wherever the ranges
+            // are: the writer takes each whole chunk's buffer without a copy.
+            Ok(r) => return Ok(r.with_piece_size(u64::from(p.repo.chunk_size()))),
             Err(e) => last = format!("{}: {e}", options.address),
         }
     }
