@@ -12,11 +12,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// The allocator of the `xenvault` binary, so the measured steps (run in this
-/// binary, `repo-step`) allocate as xenvault does.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(name = "xenvault-bench", about = "xenvault's benchmarks (not tests)")]
 struct Cli {

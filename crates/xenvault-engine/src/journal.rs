@@ -228,19 +228,6 @@ pub enum JournalError {
     },
 }
 
-/// Runs `f`, blocking I/O that may wait for the disk (an fsync), without
-/// holding up the other tasks of a multi-threaded runtime: a worker blocked in
-/// a sync would also hold the task it was about to run, and with two workers
-/// the whole pipeline would stall behind the disk.
-fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
-
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
     let path = path.to_path_buf();
     move |source| JournalError::Io {
@@ -434,8 +421,8 @@ impl Journal {
         }
     }
 
-    /// Appends `entry` and syncs it to disk (called from async code: the
-    /// sync leaves the runtime's other tasks to another thread).
+    /// Appends `entry` and syncs it to disk. Async code calls
+    /// [`append_async`](Self::append_async).
     pub fn append(&self, entry: &Entry) -> Result<(), JournalError> {
         let mut line =
             serde_json::to_string(entry).map_err(|e| JournalError::Encode(e.to_string()))?;
@@ -454,9 +441,24 @@ impl Journal {
         }
         file.write_all(line.as_bytes())
             .map_err(io_err("write", &path))?;
-        // The sync waits for the disk, behind whatever else it is writing.
-        off_runtime(|| file.sync_data()).map_err(io_err("sync", &path))?;
+        file.sync_data().map_err(io_err("sync", &path))?;
         Ok(())
+    }
+
+    /// [`append`](Self::append) on the blocking pool: its sync waits for the
+    /// disk, behind whatever else is being written, and a runtime worker
+    /// blocked in it would also hold the task it was about to run (with two
+    /// workers, a backup's whole pipeline; ADR 0010).
+    pub async fn append_async(&self, entry: Entry) -> Result<(), JournalError> {
+        let journal = self.clone();
+        let path = self.path();
+        tokio::task::spawn_blocking(move || journal.append(&entry))
+            .await
+            .map_err(|e| JournalError::Io {
+                action: "append to",
+                path,
+                source: std::io::Error::other(format!("the writing task failed: {e}")),
+            })?
     }
 
     /// Every readable entry (a torn or unreadable line is skipped with a
@@ -679,6 +681,11 @@ impl RunContext {
     pub fn record(&self, token: &str, event: Event) -> Result<(), JournalError> {
         self.journal.append(&self.entry(token, event))
     }
+
+    /// [`record`](Self::record) from async code ([`Journal::append_async`]).
+    pub async fn record_async(&self, token: &str, event: Event) -> Result<(), JournalError> {
+        self.journal.append_async(self.entry(token, event)).await
+    }
 }
 
 /// A failure while making or destroying temporary objects.
@@ -743,12 +750,13 @@ pub async fn snapshot_tagged(
 ) -> Result<TaggedSnapshot, (String, TempObjectError)> {
     let token = uuid::Uuid::new_v4().to_string();
     let fail = |e: TempObjectError| (token.clone(), e);
-    ctx.record(
+    ctx.record_async(
         &token,
         Event::Intent {
             source_vm: vm_uuid.to_string(),
         },
     )
+    .await
     .map_err(|e| fail(e.into()))?;
 
     let tags = [
@@ -783,12 +791,13 @@ pub async fn snapshot_tagged(
             "read the snapshot of VM {vm_uuid}"
         )))
         .map_err(fail)?;
-    ctx.record(
+    ctx.record_async(
         &token,
         Event::SnapshotCreated {
             uuid: snap.uuid.clone(),
         },
     )
+    .await
     .map_err(|e| fail(e.into()))?;
     let vdis = snapshot_vdis(session, &snap)
         .await
@@ -798,12 +807,13 @@ pub async fn snapshot_tagged(
         )))
         .map_err(fail)?;
     for (vdi_ref, vdi) in &vdis {
-        ctx.record(
+        ctx.record_async(
             &token,
             Event::VdiCreated {
                 uuid: vdi.uuid.clone(),
             },
         )
+        .await
         .map_err(|e| fail(e.into()))?;
         for (k, v) in tags {
             session
@@ -981,7 +991,7 @@ pub async fn destroy_token(
                     token: open.token.clone(),
                     event: Event::VdiCreated { uuid: uuid.clone() },
                 };
-                if let Err(e) = journal.append(&entry) {
+                if let Err(e) = journal.append_async(entry).await {
                     report.errors.push(e.to_string());
                     return report;
                 }
@@ -1030,7 +1040,7 @@ pub async fn destroy_token(
             token: open.token.clone(),
             event: Event::Done,
         };
-        match journal.append(&entry) {
+        match journal.append_async(entry).await {
             Ok(()) => report.closed += 1,
             Err(e) => report.errors.push(e.to_string()),
         }
@@ -1244,7 +1254,7 @@ pub async fn keep_snapshot(
             restore_point: restore_point.map(str::to_string),
         },
     };
-    ctx.journal.append(&entry)?;
+    ctx.journal.append_async(entry.clone()).await?;
     Ok(KeptSnapshot {
         token: state.open,
         role,
@@ -1271,7 +1281,7 @@ pub async fn release_kept(
         token: kept.token.token.clone(),
         event: Event::Released,
     };
-    if let Err(e) = journal.append(&entry) {
+    if let Err(e) = journal.append_async(entry).await {
         return CleanupReport {
             errors: vec![e.to_string()],
             ..CleanupReport::default()
@@ -1359,7 +1369,7 @@ pub async fn reduce_to_metadata(
         reduced.push(uuid);
     }
     journal
-        .append(&Entry {
+        .append_async(Entry {
             at: OffsetDateTime::now_utc(),
             pool: kept.token.pool.clone(),
             run_id: kept.token.run_id.clone(),
@@ -1367,6 +1377,7 @@ pub async fn reduce_to_metadata(
             token: token.clone(),
             event: Event::DataDestroyed,
         })
+        .await
         .map_err(|e| e.to_string())?;
     Ok(reduced)
 }

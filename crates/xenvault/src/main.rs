@@ -22,11 +22,6 @@ use clap::Parser;
 use crate::cli::{Cli, Command};
 use crate::exit::ExitCode;
 
-/// mimalloc keeps freed 1 MiB chunk buffers for the next ones; glibc's
-/// allocator returns them to the kernel and faults them in again (ADR 0010).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);

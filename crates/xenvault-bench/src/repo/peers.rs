@@ -20,6 +20,15 @@ pub struct Measured {
     pub stdout: String,
 }
 
+/// The fastest of `runs` (least wall time), with the largest peak memory of
+/// them all. Empty: a zero measurement.
+pub fn fastest(runs: Vec<Measured>) -> Measured {
+    let max_rss = runs.iter().map(|m| m.max_rss).max().unwrap_or(0);
+    let mut best = runs.into_iter().min_by_key(|m| m.wall).unwrap_or_default();
+    best.max_rss = max_rss;
+    best
+}
+
 /// Runs `program args` with `envs` under `/usr/bin/time`, fails with its stderr
 /// when it fails.
 pub fn measure(
@@ -197,8 +206,8 @@ pub struct PeerRepo {
 impl PeerRepo {
     /// Creates the repository (not measured): restic's default (AES-256 + Poly1305,
     /// repository format 2 with zstd), borg `repokey-blake2`.
-    pub fn init(peer: Peer, work: &Path, password: &str) -> anyhow::Result<PeerRepo> {
-        let base = work.join(peer.name());
+    /// Its repository, cache and home are in `base`.
+    pub fn init(peer: Peer, base: PathBuf, password: &str) -> anyhow::Result<PeerRepo> {
         std::fs::create_dir_all(&base)?;
         let repo = base.join("repo");
         let cache = base.join("cache");
