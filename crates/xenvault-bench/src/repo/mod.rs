@@ -460,22 +460,9 @@ impl Bench {
                 "main",
             );
             eprintln!("xenvault restore, {} KiB chunks", run.chunk_size >> 10);
-            let mut runs = Vec::new();
-            for _ in 0..self.args.runs {
-                let (m, r) = self.run_step(&spec)?;
-                eprintln!(
-                    "  {:.2} s, {} MiB RSS",
-                    m.wall.as_secs_f64(),
-                    m.max_rss >> 20
-                );
-                if !peers::same_bytes(&target, &disk_in_src)? {
-                    bail!("xenvault's restore differs from the disk");
-                }
-                std::fs::remove_file(&target)?;
-                runs.push(m);
-                run.restore_result = r;
-            }
-            run.restore = peers::fastest(runs);
+            let (m, r) = self.restore_runs(&spec, &target, &disk_in_src, "")?;
+            run.restore = m;
+            run.restore_result = r;
             if self.args.path == MeasuredPath::Job {
                 // The same restore without the final fsync: what restic and
                 // borg do (neither syncs the files it restores).
@@ -486,21 +473,8 @@ impl Bench {
                     &repo,
                     "main",
                 );
-                let mut runs = Vec::new();
-                for _ in 0..self.args.runs {
-                    let (m, _) = self.run_step(&spec)?;
-                    eprintln!(
-                        "  without fsync: {:.2} s, {} MiB RSS",
-                        m.wall.as_secs_f64(),
-                        m.max_rss >> 20
-                    );
-                    if !peers::same_bytes(&target, &disk_in_src)? {
-                        bail!("xenvault's restore without fsync differs from the disk");
-                    }
-                    std::fs::remove_file(&target)?;
-                    runs.push(m);
-                }
-                run.unsynced_restore = Some(peers::fastest(runs));
+                let (m, _) = self.restore_runs(&spec, &target, &disk_in_src, " without fsync")?;
+                run.unsynced_restore = Some(m);
             }
         }
         for (pr, run) in peer_repos.iter().zip(&mut peer_runs) {
@@ -711,6 +685,35 @@ impl Bench {
     /// SM's GC) is idle, so that it never overlaps the next measured operation.
     fn settle_sim(&self) {
         self.sim.pool.disks.wait_gc_idle();
+    }
+
+    /// Runs the restore step `spec` `--runs` times, each time checking the
+    /// restored `target` against `disk` and removing it; returns the fastest
+    /// run (with the largest peak memory) and the last result.
+    fn restore_runs(
+        &self,
+        spec: &StepSpec,
+        target: &Path,
+        disk: &Path,
+        what: &str,
+    ) -> anyhow::Result<(Measured, StepResult)> {
+        let mut runs = Vec::new();
+        let mut result = StepResult::default();
+        for _ in 0..self.args.runs {
+            let (m, r) = self.run_step(spec)?;
+            eprintln!(
+                " {what} {:.2} s, {} MiB RSS",
+                m.wall.as_secs_f64(),
+                m.max_rss >> 20
+            );
+            if !peers::same_bytes(target, disk)? {
+                bail!("xenvault's restore{what} differs from the disk");
+            }
+            std::fs::remove_file(target)?;
+            runs.push(m);
+            result = r;
+        }
+        Ok((peers::fastest(runs), result))
     }
 
     fn run_step(&self, spec: &StepSpec) -> anyhow::Result<(Measured, StepResult)> {
