@@ -446,8 +446,15 @@ pub async fn open_target_repository(
 pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<JobRun, JobError> {
     let (job_cfg, pools) = resolve(config, job)?;
     let target_cfg = config.target(&job_cfg.target);
-    let repository = match target_cfg {
-        Some(t) if t.kind == TargetKind::Repository => Some(open_target_repository(t).await?),
+    // The repository opens (Argon2id) while the pools are connected; it is
+    // awaited before anything touches a pool.
+    let opening = match target_cfg {
+        Some(t) if t.kind == TargetKind::Repository => {
+            let t = t.clone();
+            Some(tokio::spawn(
+                async move { open_target_repository(&t).await },
+            ))
+        }
         _ => None,
     };
     let target_dir = match target_cfg {
@@ -472,6 +479,25 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         .begin_run(&run_id)
         .map_err(|e| JobError::Failed(e.to_string()))?;
     let views = connect_all(&pools).await?;
+    let repository = match opening {
+        Some(task) => {
+            let opened = task.await.unwrap_or_else(|e| {
+                Err(JobError::Failed(format!(
+                    "opening the repository failed: {e}"
+                )))
+            });
+            match opened {
+                Ok(repo) => Some(repo),
+                Err(e) => {
+                    for v in &views {
+                        let _ = v.session.logout().await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
 
     let started = OffsetDateTime::now_utc();
     if let Some(path) = &job_cfg.status_log {

@@ -944,7 +944,7 @@ impl Bench {
             s.push_str("## Repository backup against restic and borg\n\n");
         }
         s.push_str(&format!(
-            "`cargo run --release -p xenvault-bench -- {}` (after `scripts/bench-deps.sh`), measured {} on this project's machine kind (2 vCPUs shared with other engineers' builds; load average {} at the end; {:.1} min in all). Every measured operation is a child process under `/usr/bin/time` (wall time from start to exit, peak RSS). Full backups (each into a new repository) and restores run {} times for every tool: the table shows the fastest run, and the largest peak memory of the runs; incrementals run once.\n\n",
+            "`cargo run --release -p xenvault-bench -- {}` (after `scripts/bench-deps.sh`), measured {} on this project's machine kind (2 vCPUs shared with other engineers' builds; load average {} at the end; {:.1} min in all). Every measured operation is a child process under `/usr/bin/time` (wall time from start to exit, peak RSS), started after a `sync` so that it does not pay for what earlier steps left to write (restic and borg do not sync). Full backups (each into a new repository) and restores run {} times for every tool: the table shows the fastest run, and the largest peak memory of the runs; incrementals run once.\n\n",
             cmdline.join(" "),
             crate::today(),
             load_average(),

@@ -29,8 +29,8 @@ pub fn fastest(runs: Vec<Measured>) -> Measured {
     best
 }
 
-/// Runs `program args` with `envs` under `/usr/bin/time`, fails with its stderr
-/// when it fails.
+/// Runs `program args` with `envs` under `/usr/bin/time` (after a `sync`, not
+/// measured), fails with its stderr when it fails.
 pub fn measure(
     program: &Path,
     args: &[String],
@@ -38,6 +38,12 @@ pub fn measure(
     cwd: Option<&Path>,
     scratch: &Path,
 ) -> anyhow::Result<Measured> {
+    // Whatever an earlier step left dirty (restic and borg do not sync) is
+    // written now, not during this measurement.
+    let synced = Command::new("sync").status();
+    if !synced.is_ok_and(|s| s.success()) {
+        bail!("`sync` failed before measuring {}", program.display());
+    }
     let rss_file = scratch.join(format!("rss-{}.txt", std::process::id()));
     let mut cmd = Command::new("/usr/bin/time");
     cmd.arg("-f")
