@@ -26,6 +26,9 @@ pub struct DiskReader {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Most chunk bytes a disk reader fetches ahead ([`Repository::read_disk_chunks`]).
+pub const READ_AHEAD_BYTES: u64 = 32 << 20;
+
 impl DiskReader {
     /// The next extent; `None` at the end. After an error nothing more comes.
     pub async fn next_extent(&mut self) -> Option<Result<Extent>> {
@@ -86,7 +89,10 @@ impl Repository {
             }
             None => (0..index.ids.len() as u64).collect(),
         };
-        let parallel = parallel.max(1);
+        // Chunks in flight hold their blob and their plain bytes: at most
+        // READ_AHEAD_BYTES of chunks at once, whatever `parallel` asks.
+        let cap = (READ_AHEAD_BYTES / u64::from(index.chunk_size).max(1)).max(4) as usize;
+        let parallel = parallel.clamp(1, cap);
         let (tx, rx) = mpsc::channel(parallel);
         let repo = self.clone();
         let idx2 = index.clone();

@@ -118,8 +118,8 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "HOW", default_value = "xva", value_parser = ["xva", "vdis"], conflicts_with_all = ["disk", "to_file"])]
     pub method: String,
 
-    /// Repositories: chunks fetched at once per disk.
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Repositories: chunks fetched at once per disk (at most 32 MiB of them).
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
 
     /// A repository's password: first line of this file (chmod 600).

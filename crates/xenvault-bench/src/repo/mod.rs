@@ -483,6 +483,7 @@ impl Bench {
             eprintln!("{} restore", pr.peer.name());
             let mut runs = Vec::new();
             for _ in 0..self.args.runs {
+                peers::evict_from_page_cache(&pr.repo)?;
                 let m = pr
                     .restore_latest(&target)
                     .with_context(|| format!("{} restore", pr.peer.name()))?;
@@ -687,8 +688,9 @@ impl Bench {
         self.sim.pool.disks.wait_gc_idle();
     }
 
-    /// Runs the restore step `spec` `--runs` times, each time checking the
-    /// restored `target` against `disk` and removing it; returns the fastest
+    /// Runs the restore step `spec` `--runs` times, each from a repository out
+    /// of the page cache, each time checking the restored `target` against
+    /// `disk` and removing it; returns the fastest
     /// run (with the largest peak memory) and the last result.
     fn restore_runs(
         &self,
@@ -700,6 +702,7 @@ impl Bench {
         let mut runs = Vec::new();
         let mut result = StepResult::default();
         for _ in 0..self.args.runs {
+            peers::evict_from_page_cache(&spec.repo)?;
             let (m, r) = self.run_step(spec)?;
             eprintln!(
                 " {what} {:.2} s, {} MiB RSS",
@@ -944,7 +947,7 @@ impl Bench {
             s.push_str("## Repository backup against restic and borg\n\n");
         }
         s.push_str(&format!(
-            "`cargo run --release -p xenvault-bench -- {}` (after `scripts/bench-deps.sh`), measured {} on this project's machine kind (2 vCPUs shared with other engineers' builds; load average {} at the end; {:.1} min in all). Every measured operation is a child process under `/usr/bin/time` (wall time from start to exit, peak RSS), started after a `sync` so that it does not pay for what earlier steps left to write (restic and borg do not sync). Full backups (each into a new repository) and restores run {} times for every tool: the table shows the fastest run, and the largest peak memory of the runs; incrementals run once.\n\n",
+            "`cargo run --release -p xenvault-bench -- {}` (after `scripts/bench-deps.sh`), measured {} on this project's machine kind (2 vCPUs shared with other engineers' builds; load average {} at the end; {:.1} min in all). Every measured operation is a child process under `/usr/bin/time` (wall time from start to exit, peak RSS), started after a `sync` so that it does not pay for what earlier steps left to write (restic and borg do not sync). Full backups (each into a new repository) and restores run {} times for every tool: the table shows the fastest run, and the largest peak memory of the runs; incrementals run once. Each restore starts with its repository out of the page cache (`posix_fadvise(DONTNEED)` on every file of it, after a `sync`), as a restore long after the backup finds it.\n\n",
             cmdline.join(" "),
             crate::today(),
             load_average(),

@@ -145,6 +145,35 @@ pub fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// Takes the files under `dir` out of the page cache (after a `sync`, so that
+/// none is dirty): a restore long after the backup reads its repository from
+/// the disk. Every tool's repository gets this before each measured restore;
+/// without it, restic's and borg's would be read from memory while xenvault's
+/// chunks are not (its backup drops them from the cache as it writes them).
+pub fn evict_from_page_cache(dir: &Path) -> anyhow::Result<()> {
+    let synced = Command::new("sync").status();
+    if !synced.is_ok_and(|s| s.success()) {
+        bail!("`sync` failed before evicting {}", dir.display());
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))?;
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => {
+                    let f = std::fs::File::open(e.path())
+                        .with_context(|| format!("cannot open {}", e.path().display()))?;
+                    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+                        .with_context(|| format!("cannot evict {}", e.path().display()))?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether two files have the same bytes (`cmp`, fast on sparse files).
 pub fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
     let status = Command::new("cmp")
