@@ -110,6 +110,29 @@ fn temporaries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Starts this test binary as the child (`kill9_child`) working in `dir`,
+/// with one more variable (its mode); its stdout is piped.
+fn spawn_child(
+    exe: &std::path::Path,
+    dir: &str,
+    (var, value): (&str, &str),
+) -> std::process::Child {
+    std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "kill9_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("XV_REPO_KILL9_CHILD", dir)
+        .env(var, value)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn prune_now() -> PruneOptions {
     PruneOptions {
         grace: Duration::ZERO,
@@ -213,20 +236,11 @@ async fn kill9_at_random_moments() {
     let mut old_locks = std::collections::HashSet::new();
     let mut temporaries_left = 0;
     for trial in 0..20 {
-        let mut child = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                "kill9_child",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env("XV_REPO_KILL9_CHILD", &path)
-            .env("XV_REPO_KILL9_FIRST", next_first.to_string())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_child(
+            &exe,
+            &path,
+            ("XV_REPO_KILL9_FIRST", &next_first.to_string()),
+        );
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -341,20 +355,7 @@ async fn kill9_at_random_moments() {
     // the children's sweeps and the one below must clean up. Whether a random
     // kill lands between a stage and its publish is luck (the window is short
     // for these small disks): one more kill lands there for sure.
-    let mut child = std::process::Command::new(&exe)
-        .args([
-            "--exact",
-            "kill9_child",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("XV_REPO_KILL9_CHILD", &path)
-        .env("XV_REPO_KILL9_STAGE", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child(&exe, &path, ("XV_REPO_KILL9_STAGE", "1"));
     {
         use std::io::BufRead as _;
         let stdout = child.stdout.take().unwrap();
