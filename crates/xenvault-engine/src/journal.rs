@@ -1254,13 +1254,14 @@ pub async fn keep_snapshot(
             restore_point: restore_point.map(str::to_string),
         },
     };
-    ctx.journal.append_async(entry.clone()).await?;
+    let kept_at = entry.at;
+    ctx.journal.append_async(entry).await?;
     Ok(KeptSnapshot {
         token: state.open,
         role,
         target: target.to_string(),
         restore_point: restore_point.map(str::to_string),
-        kept_at: entry.at,
+        kept_at,
         metadata_only: state.metadata_only,
     })
 }

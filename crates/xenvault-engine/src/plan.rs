@@ -410,7 +410,7 @@ pub async fn build(
         // A run has opened it already: no second key derivation.
         let c = match opened {
             Some(repo) => preflight::repository_opened(t, repo),
-            None => preflight::check_repository(t).await.0,
+            None => preflight::check_repository(t).await,
         };
         if c.failed() {
             target_failure = Some(c.detail.clone());

@@ -119,18 +119,13 @@ pub fn repo_error_is_config(e: &xenvault_repo::RepoError) -> bool {
 
 /// Opens the repository of a `type = "repository"` target (reachable,
 /// initialized, the password right) and says so as a check.
-pub async fn check_repository(
-    target: &xenvault_types::config::TargetConfig,
-) -> (Check, Option<xenvault_repo::Repository>) {
+pub async fn check_repository(target: &xenvault_types::config::TargetConfig) -> Check {
     match crate::repository::open_repository(target).await {
-        Ok(repo) => (repository_opened(target, &repo), Some(repo)),
-        Err(e) => (
-            Check::fail(
-                REPOSITORY,
-                target_location(target),
-                format!("target {}: cannot open the repository: {e}", target.name),
-            ),
-            None,
+        Ok(repo) => repository_opened(target, &repo),
+        Err(e) => Check::fail(
+            REPOSITORY,
+            target_location(target),
+            format!("target {}: cannot open the repository: {e}", target.name),
         ),
     }
 }

@@ -40,10 +40,7 @@ pub fn measure(
 ) -> anyhow::Result<Measured> {
     // Whatever an earlier step left dirty (restic and borg do not sync) is
     // written now, not during this measurement.
-    let synced = Command::new("sync").status();
-    if !synced.is_ok_and(|s| s.success()) {
-        bail!("`sync` failed before measuring {}", program.display());
-    }
+    sync_all()?;
     let rss_file = scratch.join(format!("rss-{}.txt", std::process::id()));
     let mut cmd = Command::new("/usr/bin/time");
     cmd.arg("-f")
@@ -128,7 +125,15 @@ pub fn run_quiet(program: &str, args: &[&str], envs: &[(String, String)]) -> any
 
 /// Total bytes of the files under `dir` (apparent sizes; what the repository stores).
 pub fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
+    files_under(dir)
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+/// The regular files under `dir` (unreadable directories skipped).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -137,12 +142,20 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         for e in rd.flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                Ok(t) if t.is_file() => files.push(e.path()),
                 _ => {}
             }
         }
     }
-    total
+    files
+}
+
+/// `sync`: everything dirty is written.
+fn sync_all() -> anyhow::Result<()> {
+    if !Command::new("sync").status().is_ok_and(|s| s.success()) {
+        bail!("`sync` failed");
+    }
+    Ok(())
 }
 
 /// Takes the files under `dir` out of the page cache (after a `sync`, so that
@@ -151,25 +164,12 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 /// without it, restic's and borg's would be read from memory while xenvault's
 /// chunks are not (its backup drops them from the cache as it writes them).
 pub fn evict_from_page_cache(dir: &Path) -> anyhow::Result<()> {
-    let synced = Command::new("sync").status();
-    if !synced.is_ok_and(|s| s.success()) {
-        bail!("`sync` failed before evicting {}", dir.display());
-    }
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))?;
-        for e in rd.flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => {
-                    let f = std::fs::File::open(e.path())
-                        .with_context(|| format!("cannot open {}", e.path().display()))?;
-                    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
-                        .with_context(|| format!("cannot evict {}", e.path().display()))?;
-                }
-                _ => {}
-            }
-        }
+    sync_all()?;
+    for path in files_under(dir) {
+        let f = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+            .with_context(|| format!("cannot evict {}", path.display()))?;
     }
     Ok(())
 }

@@ -328,18 +328,6 @@ impl ResumeRecorder {
             Err(e) => tracing::warn!("disk {}: no checkpoint ({e})", disk.key),
         }
     }
-
-    /// True once a checkpoint names this run's snapshot.
-    pub async fn has_checkpoint(&self) -> bool {
-        self.settle().await;
-        self.shared.inner.lock().await.kept
-    }
-
-    /// The restore point is committed: the state is no longer needed.
-    pub async fn committed(&self) {
-        self.settle().await;
-        remove_state(&self.shared.dir);
-    }
 }
 
 impl RecorderShared {

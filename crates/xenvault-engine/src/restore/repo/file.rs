@@ -188,17 +188,17 @@ impl WriteBehind {
         }
     }
 
-    /// Waits for the syncing thread; its error, if any, is the restore's.
-    fn finish(mut self) -> io::Result<()> {
-        match self.syncer.take() {
-            Some((tx, thread)) => {
-                drop(tx);
-                thread
-                    .join()
-                    .map_err(|_| io::Error::other("the background sync thread panicked"))?
-            }
-            None => Ok(()),
-        }
+    /// Waits for the syncing thread (its error, if any, is the restore's),
+    /// then, when the restore fsyncs, syncs what is left of `file`.
+    fn finish(self, file: &File) -> io::Result<()> {
+        let Some((tx, thread)) = self.syncer else {
+            return Ok(());
+        };
+        drop(tx);
+        thread
+            .join()
+            .map_err(|_| io::Error::other("the background sync thread panicked"))??;
+        file.sync_all()
     }
 }
 
@@ -337,10 +337,7 @@ pub async fn restore_repo_to_file(
                         }
                         report(e.end());
                     }
-                    behind.finish()?;
-                    if sync {
-                        file.sync_all()?;
-                    }
+                    behind.finish(&file)?;
                     size
                 }
                 Plan::Vhd { key, enc, .. } => {
@@ -361,10 +358,7 @@ pub async fn restore_repo_to_file(
                     })?;
                     out.flush()?;
                     drop(out);
-                    behind.finish()?;
-                    if sync {
-                        file.sync_all()?;
-                    }
+                    behind.finish(&file)?;
                     n
                 }
                 Plan::Xva { ova, disks } => {
@@ -392,10 +386,7 @@ pub async fn restore_repo_to_file(
                     )?;
                     out.flush()?;
                     drop(out);
-                    behind.finish()?;
-                    if sync {
-                        file.sync_all()?;
-                    }
+                    behind.finish(&file)?;
                     n
                 }
             };
