@@ -23,10 +23,18 @@ pub struct Measured {
 /// The fastest of `runs` (least wall time), with the largest peak memory of
 /// them all. Empty: a zero measurement.
 pub fn fastest(runs: Vec<Measured>) -> Measured {
-    let max_rss = runs.iter().map(|m| m.max_rss).max().unwrap_or(0);
-    let mut best = runs.into_iter().min_by_key(|m| m.wall).unwrap_or_default();
+    fastest_with(runs.into_iter().map(|m| (m, ())).collect()).0
+}
+
+/// [`fastest`], keeping what the fastest run reported next to its measurement.
+pub fn fastest_with<T: Default>(runs: Vec<(Measured, T)>) -> (Measured, T) {
+    let max_rss = runs.iter().map(|(m, _)| m.max_rss).max().unwrap_or(0);
+    let (mut best, report) = runs
+        .into_iter()
+        .min_by_key(|(m, _)| m.wall)
+        .unwrap_or_default();
     best.max_rss = max_rss;
-    best
+    (best, report)
 }
 
 /// Runs `program args` with `envs` under `/usr/bin/time` (after a `sync`, not
@@ -148,6 +156,15 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     files
+}
+
+/// Time to fsync `file` (all its dirty pages written and flushed).
+pub fn fsync_file(file: &Path) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    std::fs::File::open(file)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("fsync {}", file.display()))?;
+    Ok(start.elapsed())
 }
 
 /// `sync`: everything dirty is written.
