@@ -10,20 +10,16 @@ mod backup_support;
 use std::path::Path;
 use std::sync::Arc;
 
-use backup_support::{Sim, write_config};
-use futures::StreamExt as _;
-use sha2::{Digest, Sha256};
+use backup_support::{Sim, vdi_sha, write_config};
 use xenvault_engine::job::{self, ExitStatus, RunOptions};
 use xenvault_engine::restore::repo::{
     IntoVdiOptions, RepoVmRestoreOptions, VmRestoreMethod, find_repo_point, list_repo_points,
     restore_repo_disk_into, restore_repo_vm,
 };
-use xenvault_engine::restore::{DiskSelector, PoolConnection, no_progress};
+use xenvault_engine::restore::{DiskSelector, no_progress};
 use xenvault_repo::storage::LocalStorage;
 use xenvault_repo::{InitOptions, Repository};
 use xenvault_types::config::{Config, TargetKind};
-use xenvault_xapi::http::handler_url;
-use xenvault_xapi::tls::TlsPolicy;
 
 fn repo_config(sim: &Sim, dir: &Path) -> Config {
     let path = write_config(sim, dir, "all-vms = true", "");
@@ -32,23 +28,6 @@ fn repo_config(sim: &Sim, dir: &Path) -> Config {
     t.kind = TargetKind::Repository;
     t.path = dir.join("repo");
     config
-}
-
-async fn raw_sha(pool: &PoolConnection, vdi_uuid: &str) -> String {
-    let s = &pool.session;
-    let url = handler_url(
-        &s.base_url(),
-        "/export_raw_vdi",
-        s.session_ref().expose(),
-        None,
-        &[("vdi", vdi_uuid), ("format", "raw")],
-    );
-    let mut body = pool.transfer.get(url).await.unwrap().body;
-    let mut h = Sha256::new();
-    while let Some(piece) = body.next().await {
-        h.update(piece.unwrap());
-    }
-    hex::encode(h.finalize())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,14 +39,7 @@ async fn restore_points_of_the_backup_job_restore_bit_for_bit() {
         .await
         .unwrap();
     let config = repo_config(&sim, dir.path());
-    let pool = PoolConnection::connect(
-        &sim.s("https_url"),
-        &sim.s("user"),
-        &sim.s("password"),
-        TlsPolicy::Pinned(sim.s("fingerprint").parse().unwrap()),
-    )
-    .await
-    .unwrap();
+    let pool = sim.pool().await;
 
     // A full backup, guest writes, an incremental.
     let run = job::run_job(&config, "nightly", RunOptions::default())
@@ -77,12 +49,12 @@ async fn restore_points_of_the_backup_job_restore_bit_for_bit() {
     let vm = run.report.vms[0].clone();
     let first = find_repo_point(&repo, &vm.name, None).await.unwrap();
     let key = first.disks[0].key.clone();
-    let sha_first = raw_sha(&pool, &key).await;
+    let sha_first = vdi_sha(&pool, &key).await;
     sim.control(
         "guest-write",
         &serde_json::json!({"vdi": key, "seed": 3, "blocks": 5}),
     );
-    let sha_second = raw_sha(&pool, &key).await;
+    let sha_second = vdi_sha(&pool, &key).await;
     assert_ne!(sha_first, sha_second);
     let run = job::run_job(&config, "nightly", RunOptions::default())
         .await
@@ -116,7 +88,7 @@ async fn restore_points_of_the_backup_job_restore_bit_for_bit() {
             .unwrap();
         assert_eq!(restored.disks.len(), 1);
         assert_eq!(
-            &raw_sha(&pool, &restored.disks[0].vdi_uuid).await,
+            &vdi_sha(&pool, &restored.disks[0].vdi_uuid).await,
             want,
             "{method:?} restore of {} differs",
             point.id
@@ -136,5 +108,5 @@ async fn restore_points_of_the_backup_job_restore_bit_for_bit() {
         .unwrap();
     assert!(r.chunks_written >= 1 && r.chunks_written <= 5, "{r:?}");
     assert!(r.chunks_written < r.chunks_compared, "{r:?}");
-    assert_eq!(raw_sha(&pool, &key).await, sha_first);
+    assert_eq!(vdi_sha(&pool, &key).await, sha_first);
 }

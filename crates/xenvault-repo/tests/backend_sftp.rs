@@ -7,7 +7,6 @@
 
 mod backend_support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,106 +14,6 @@ use std::time::Duration;
 use backend_support::*;
 use bytes::Bytes;
 use xenvault_repo::storage::*;
-use xenvault_types::config::{SftpConfig, TargetConfig, TargetKind};
-
-/// A running sshd and the files a client needs to log in to it.
-struct Sshd {
-    server: Server,
-    dir: tempfile::TempDir,
-    user: String,
-    user_key: PathBuf,
-    known_hosts: PathBuf,
-}
-
-fn keygen(ssh_keygen: &Path, file: &Path) {
-    let st = Command::new(ssh_keygen)
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "xenvault-test", "-f"])
-        .arg(file)
-        .status()
-        .unwrap();
-    assert!(st.success(), "ssh-keygen failed");
-}
-
-fn current_user() -> String {
-    let out = Command::new("id").arg("-un").output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// Starts sshd on a free loopback port, or `None` (skipped) without OpenSSH.
-fn sshd() -> Option<Sshd> {
-    let install = "apt-get install openssh-server openssh-client";
-    let sbin = [PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")];
-    let sshd = tool("sshd", &sbin, install)?;
-    let keygen_bin = tool("ssh-keygen", &[], install)?;
-    tool("ssh", &[], install)?;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    keygen(&keygen_bin, &d.join("host_key"));
-    keygen(&keygen_bin, &d.join("user_key"));
-    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
-    // sshd started by root insists on its privilege separation directory.
-    if current_user() == "root" {
-        std::fs::create_dir_all("/run/sshd").unwrap();
-    }
-    let port = free_port();
-    let config = format!(
-        "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
-         AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
-         PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-         PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
-        d = d.display()
-    );
-    std::fs::write(d.join("sshd_config"), config).unwrap();
-    let mut cmd = Command::new(sshd);
-    cmd.args(["-D", "-e", "-f"]).arg(d.join("sshd_config"));
-    let server = Server::start("sshd", cmd, port, &d.join("sshd.log"));
-    let host_key = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
-    let known_hosts = d.join("known_hosts");
-    std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_key}")).unwrap();
-    Some(Sshd {
-        server,
-        user: current_user(),
-        user_key: d.join("user_key"),
-        known_hosts,
-        dir,
-    })
-}
-
-impl Sshd {
-    fn options(&self, repo_dir: &str) -> SftpOptions {
-        let dir = self.dir.path().join(repo_dir);
-        let mut o = SftpOptions::new(
-            &self.user,
-            "127.0.0.1",
-            dir.to_str().unwrap(),
-            &self.user_key,
-        );
-        o.port = self.server.port;
-        o.known_hosts_file = Some(self.known_hosts.clone());
-        o.connect_timeout = Duration::from_secs(10);
-        o
-    }
-
-    fn target(&self, repo_dir: &str) -> TargetConfig {
-        let mut t = TargetConfig::archive("sftptest", "");
-        t.kind = TargetKind::Repository;
-        t.url = Some(format!(
-            "sftp://{}@127.0.0.1:{}{}",
-            self.user,
-            self.server.port,
-            self.dir.path().join(repo_dir).display()
-        ));
-        t.sftp = Some(SftpConfig {
-            key_file: self.user_key.clone(),
-            known_hosts_file: Some(self.known_hosts.clone()),
-        });
-        t
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
-    }
-}
 
 fn fast_retry<S: Storage>(s: S) -> Retrying<S> {
     Retrying::new(

@@ -52,6 +52,18 @@ impl Sim {
         self.info[key].as_str().unwrap().to_string()
     }
 
+    /// A pool connection over HTTPS, the simulator's certificate pinned.
+    pub async fn pool(&self) -> xenvault_engine::restore::PoolConnection {
+        xenvault_engine::restore::PoolConnection::connect(
+            &self.s("https_url"),
+            &self.s("user"),
+            &self.s("password"),
+            xenvault_xapi::tls::TlsPolicy::Pinned(self.s("fingerprint").parse().unwrap()),
+        )
+        .await
+        .unwrap()
+    }
+
     /// `POST <control>/<path>` with a JSON body; returns the JSON answer.
     pub fn control(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
         self.http("POST", path, Some(body))
@@ -151,4 +163,24 @@ target = "archive"
     let path = dir.join("xenvault.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The SHA-256 (hex) of a VDI's raw export.
+pub async fn vdi_sha(pool: &xenvault_engine::restore::PoolConnection, vdi_uuid: &str) -> String {
+    use futures::StreamExt as _;
+    use sha2::Digest as _;
+    let s = &pool.session;
+    let url = xenvault_xapi::http::handler_url(
+        &s.base_url(),
+        "/export_raw_vdi",
+        s.session_ref().expose(),
+        None,
+        &[("vdi", vdi_uuid), ("format", "raw")],
+    );
+    let mut body = pool.transfer.get(url).await.unwrap().body;
+    let mut h = sha2::Sha256::new();
+    while let Some(piece) = body.next().await {
+        h.update(piece.unwrap());
+    }
+    hex::encode(h.finalize())
 }

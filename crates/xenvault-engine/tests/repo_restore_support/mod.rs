@@ -14,11 +14,19 @@ use xenvault_repo::{
 };
 use xenvault_types::Extent;
 
-/// A repository in `dir` (plain, or encrypted with password `pw`).
+/// The password of the encrypted repositories these helpers make.
+pub const PASSWORD: &str = "pw";
+
+/// A repository in `dir` (plain, or encrypted with [`PASSWORD`]).
 pub async fn new_repo(dir: &Path, encrypted: bool) -> Repository {
-    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir).unwrap());
+    init_repo(Arc::new(LocalStorage::new(dir).unwrap()), encrypted).await
+}
+
+/// A repository on `storage` (plain, or encrypted with [`PASSWORD`], with
+/// the fast test key derivation).
+pub async fn init_repo(storage: Arc<dyn Storage>, encrypted: bool) -> Repository {
     let encryption = encrypted.then(|| EncryptionInit {
-        password: b"pw".to_vec(),
+        password: PASSWORD.as_bytes().to_vec(),
         label: "test".into(),
         cipher: CipherKind::Aes256Gcm,
         kdf: KdfParams::insecure_for_tests(),
@@ -37,7 +45,9 @@ pub async fn new_repo(dir: &Path, encrypted: bool) -> Repository {
 /// Reopens the repository in `dir` (the password of [`new_repo`]).
 pub async fn open_repo(dir: &Path) -> Repository {
     let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir).unwrap());
-    Repository::open(storage, Some(b"pw")).await.unwrap()
+    Repository::open(storage, Some(PASSWORD.as_bytes()))
+        .await
+        .unwrap()
 }
 
 /// Deterministic bytes that do not compress to nothing.

@@ -1,6 +1,7 @@
 //! Helpers of the remote backend tests: finding outside tools (a missing one fails
 //! under `CI=true`), running a server on a free loopback port and stopping it,
-//! and a full repository round trip on any storage.
+//! OpenSSH's `sshd` as the current user with generated keys, and a full
+//! repository round trip on any storage.
 
 #![allow(clippy::unwrap_used, dead_code)] // test helpers panic on purpose
 
@@ -12,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use time::macros::datetime;
-use xenvault_repo::storage::Storage;
+use xenvault_repo::storage::{SftpOptions, Storage};
 use xenvault_repo::*;
+use xenvault_types::config::{SftpConfig, TargetConfig, TargetKind};
 use xenvault_types::{Extent, ExtentData};
 
 pub const MIB: u64 = 1 << 20;
@@ -253,5 +255,104 @@ pub async fn repository_round_trip(storage: Arc<dyn Storage>, encrypted: bool) {
     if encrypted {
         let wrong = Repository::open(storage.clone(), Some(b"wrong password")).await;
         assert!(wrong.is_err(), "a wrong password is refused");
+    }
+}
+
+/// A running sshd and the files a client needs to log in to it.
+pub struct Sshd {
+    pub server: Server,
+    pub dir: tempfile::TempDir,
+    pub user: String,
+    pub user_key: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+pub fn keygen(ssh_keygen: &Path, file: &Path) {
+    let st = Command::new(ssh_keygen)
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "xenvault-test", "-f"])
+        .arg(file)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ssh-keygen failed");
+}
+
+pub fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Starts sshd on a free loopback port, or `None` (skipped) without OpenSSH.
+pub fn sshd() -> Option<Sshd> {
+    let install = "apt-get install openssh-server openssh-client";
+    let sbin = [PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")];
+    let sshd = tool("sshd", &sbin, install)?;
+    let keygen_bin = tool("ssh-keygen", &[], install)?;
+    tool("ssh", &[], install)?;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    keygen(&keygen_bin, &d.join("host_key"));
+    keygen(&keygen_bin, &d.join("user_key"));
+    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
+    // sshd started by root insists on its privilege separation directory.
+    if current_user() == "root" {
+        std::fs::create_dir_all("/run/sshd").unwrap();
+    }
+    let port = free_port();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+         AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
+         PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+         PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    let mut cmd = Command::new(sshd);
+    cmd.args(["-D", "-e", "-f"]).arg(d.join("sshd_config"));
+    let server = Server::start("sshd", cmd, port, &d.join("sshd.log"));
+    let host_key = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+    let known_hosts = d.join("known_hosts");
+    std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_key}")).unwrap();
+    Some(Sshd {
+        server,
+        user: current_user(),
+        user_key: d.join("user_key"),
+        known_hosts,
+        dir,
+    })
+}
+
+impl Sshd {
+    pub fn options(&self, repo_dir: &str) -> SftpOptions {
+        let dir = self.dir.path().join(repo_dir);
+        let mut o = SftpOptions::new(
+            &self.user,
+            "127.0.0.1",
+            dir.to_str().unwrap(),
+            &self.user_key,
+        );
+        o.port = self.server.port;
+        o.known_hosts_file = Some(self.known_hosts.clone());
+        o.connect_timeout = Duration::from_secs(10);
+        o
+    }
+
+    pub fn target(&self, repo_dir: &str) -> TargetConfig {
+        let mut t = TargetConfig::archive("sftptest", "");
+        t.kind = TargetKind::Repository;
+        t.url = Some(format!(
+            "sftp://{}@127.0.0.1:{}{}",
+            self.user,
+            self.server.port,
+            self.dir.path().join(repo_dir).display()
+        ));
+        t.sftp = Some(SftpConfig {
+            key_file: self.user_key.clone(),
+            known_hosts_file: Some(self.known_hosts.clone()),
+        });
+        t
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 }
