@@ -926,3 +926,110 @@ async fn local_chunks_are_published_at_checkpoints_finish_and_abort() {
     assert!(temporaries(dir.path()).is_empty());
     assert!(read_back(&repo, &m, "a").await == img);
 }
+
+/// Prune beside running backups, on the local backend: a pruner forgets every
+/// restore point but the newest and prunes with no grace period, round after
+/// round, while a writer commits restore points whose chunks recur from
+/// forgotten ones (so backups reuse chunks that marks list as unreferenced).
+/// Sweeps that meet a running backup wait for it; nothing any restore point
+/// references is ever deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_runs_safely_beside_running_backups() {
+    const POINTS: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(LocalStorage::new(dir.path()).unwrap());
+    let repo = Repository::init(storage, opts(true)).await.unwrap();
+    // Point i's chunk j is piece (i + j) % 7: chunks come back after their
+    // restore point was forgotten.
+    let pieces: Vec<Vec<u8>> = (0..7).map(|s| image(MIB, 900 + s)).collect();
+    let disk = |i: usize| -> Vec<u8> {
+        let mut d: Vec<u8> = (0..4).flat_map(|j| pieces[(i + j) % 7].clone()).collect();
+        d.extend(image(77, 5000 + i as u64));
+        d
+    };
+    let images: Vec<Vec<u8>> = (0..POINTS).map(disk).collect();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let writer = {
+        let (repo, done, images) = (repo.clone(), done.clone(), images.clone());
+        tokio::spawn(async move {
+            let mut committed = std::collections::BTreeMap::new();
+            for (i, img) in images.iter().enumerate() {
+                let t = T0 + Duration::from_secs(i as u64);
+                let m = full_backup(&repo, "vm", t, &[("a", img)]).await;
+                committed.insert(m.id.clone(), i);
+                // A gap between backups, where sweeps can run.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            committed
+        })
+    };
+    let no_grace = PruneOptions {
+        grace: Duration::ZERO,
+        ..PruneOptions::default()
+    };
+    let (mut rounds, mut deleted, mut waited_for_backup) = (0, 0, 0);
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut points = Vec::new();
+        for (vm, id) in repo.list_restore_points(Some("vm")).await.unwrap() {
+            let m = repo.load_manifest(&vm, &id).await.unwrap();
+            points.push(RestorePointInfo {
+                vm_uuid: vm,
+                id,
+                time: xenvault_repo::manifest::parse_rfc3339(&m.time).unwrap(),
+                complete: true,
+            });
+        }
+        let keep_newest = KeepOptions {
+            last: 1,
+            ..Default::default()
+        };
+        let plan = plan_retention(&points, &keep_newest, OffsetDateTime::now_utc());
+        repo.forget(&plan).await.unwrap();
+        let r = repo
+            .prune(OffsetDateTime::now_utc(), no_grace)
+            .await
+            .unwrap();
+        rounds += 1;
+        deleted += r.deleted_chunks;
+        waited_for_backup += usize::from(
+            r.sweep_deferred
+                .as_deref()
+                .is_some_and(|why| why.contains("locked")),
+        );
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let committed = writer.await.unwrap();
+    assert_eq!(committed.len(), POINTS);
+    assert!(rounds >= 3, "the pruner ran {rounds} rounds only");
+    assert!(
+        deleted > 0,
+        "forgotten chunks were freed beside the backups ({rounds} rounds, {waited_for_backup} sweeps waited)"
+    );
+    assert!(
+        waited_for_backup > 0,
+        "some sweep met a running backup ({rounds} rounds)"
+    );
+
+    // Everything still listed is whole; two more rounds after the backups
+    // leave it so.
+    for round in 0..3 {
+        let report = repo.check().await.unwrap();
+        assert!(report.is_clean(), "round {round}: {:?}", report.damage);
+        let listed = repo.list_restore_points(Some("vm")).await.unwrap();
+        assert!(!listed.is_empty());
+        assert!(listed.iter().any(|(_, id)| committed[id] == POINTS - 1));
+        for (vm, id) in listed {
+            let m = repo.load_manifest(&vm, &id).await.unwrap();
+            let want = &images[committed[&id]];
+            assert!(
+                &read_back(&repo, &m, "a").await == want,
+                "round {round}: restore point {id} changed"
+            );
+        }
+        repo.prune(OffsetDateTime::now_utc(), no_grace)
+            .await
+            .unwrap();
+    }
+}
