@@ -1085,15 +1085,16 @@ async fn repo_vm(rp: &RepoPipeline, task: &VmTask, vm: &plan::VmPlan) -> VmRepor
     let mut r = vm_report(&vm.name, &vm.uuid, &result.vm);
     r.repository = Some(result.stats);
     r.notes.extend(result.notes);
-    if result.manifest.is_some() {
-        match repo_backup::retention::apply_vm(
-            &rp.repo,
-            &vm.uuid,
-            &vm.retention,
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        {
+    if let Some(manifest) = &result.manifest {
+        // Ids are times to the second, so a point made less than a second
+        // after the previous one is dated a second later (see
+        // `free_restore_point_time`), possibly past the clock. Retention
+        // counts from the newest point at least, so that the points it has
+        // just superseded are not kept as "newer than now".
+        let now = OffsetDateTime::now_utc();
+        let now =
+            xenvault_repo::manifest::parse_rfc3339(&manifest.time).map_or(now, |t| t.max(now));
+        match repo_backup::retention::apply_vm(&rp.repo, &vm.uuid, &vm.retention, now).await {
             Ok(gone) => r.pruned = gone,
             Err(e) => r.notes.push(format!("retention: {e}")),
         }

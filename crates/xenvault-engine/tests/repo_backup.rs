@@ -16,7 +16,7 @@ use xenvault_engine::job::{self, ExitStatus, RunOptions};
 use xenvault_repo::storage::LocalStorage;
 use xenvault_repo::{CipherKind, EncryptionInit, InitOptions, KdfParams, Manifest, Repository};
 use xenvault_types::ExtentData;
-use xenvault_types::config::{Config, Secret, TargetKind};
+use xenvault_types::config::{Config, RetentionConfig, Secret, TargetKind, VmOverride};
 use xenvault_types::report::{Outcome, VmReport};
 use xenvault_xapi::http::{HttpTransfer, TransferOptions, handler_url};
 use xenvault_xapi::session::{Client, Credentials, Session};
@@ -434,6 +434,52 @@ async fn retention_forgets_old_restore_points_after_a_successful_backup() {
     assert_eq!(pruned.len(), 1, "{pruned:?}");
     assert!(!ms.iter().any(|m| pruned[0].ends_with(&m.id)));
     // Chunks stay for `xenvault prune`; every remaining point is intact.
+    assert!(repo.check().await.unwrap().is_clean());
+}
+
+/// A VM's own retention (`[jobs.NAME.vm."vm-02".retention]`) replaces the
+/// job's in the forget after each of its backups; other VMs keep the job's.
+/// The runs follow each other within a second or so, which dates restore
+/// points up to a few seconds ahead of the clock (ids are times to the second):
+/// retention still counts them as superseded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vms_own_retention_replaces_the_jobs() {
+    let sim = Sim::start(&["--vms", "2", "--disk-size", "2M", "--written", "50%"]);
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init_repo(&dir.path().join("repo"), false).await;
+    let mut config = repo_config(&sim, dir.path(), "all-vms = true", None);
+    let job = config.jobs.get_mut("nightly").unwrap();
+    job.retention.keep_last = 3;
+    job.vm_overrides.insert(
+        "vm-02".into(),
+        VmOverride {
+            retention: Some(RetentionConfig {
+                keep_last: 1,
+                keep_hourly: 0,
+                keep_daily: 0,
+                keep_weekly: 0,
+                keep_monthly: 0,
+                keep_yearly: 0,
+            }),
+            ..Default::default()
+        },
+    );
+    for _ in 0..4 {
+        let run = job::run_job(&config, "nightly", RunOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(run.exit, ExitStatus::Success, "{:#?}", run.report);
+    }
+    let s = session(&sim).await;
+    let vms = s.vm().get_all_records().await.unwrap();
+    for (name, kept) in [("vm-01", 3), ("vm-02", 1)] {
+        let uuid = &vms
+            .values()
+            .find(|v| v.name_label == name && !v.is_a_snapshot)
+            .unwrap()
+            .uuid;
+        assert_eq!(manifests(&repo, uuid).await.len(), kept, "{name}");
+    }
     assert!(repo.check().await.unwrap().is_clean());
 }
 

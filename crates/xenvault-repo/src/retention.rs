@@ -285,9 +285,26 @@ mod tests {
             },
             now,
         );
-        let k = kept(&plan);
-        // 4 weeks + 6 months + 3 years, overlapping at the newest point (kept by all).
-        assert!(k.len() >= 10 && k.len() <= 13, "{}", k.len());
+        // The newest point of each of the 4 newest ISO weeks (2026-11-22 is a
+        // Sunday, the last day of its week), of the 6 newest months and of the
+        // 3 newest years; the newest point is kept by all three.
+        let want: Vec<String> = [
+            "20241231T120000Z",
+            "20251231T120000Z",
+            "20260630T120000Z",
+            "20260731T120000Z",
+            "20260831T120000Z",
+            "20260930T120000Z",
+            "20261031T120000Z",
+            "20261101T120000Z",
+            "20261108T120000Z",
+            "20261115T120000Z",
+            "20261122T120000Z",
+        ]
+        .iter()
+        .map(|id| format!("v/{id}"))
+        .collect();
+        assert_eq!(kept(&plan), want);
         let within = plan_retention(
             &pts,
             &KeepOptions {
@@ -297,6 +314,41 @@ mod tests {
             now,
         );
         assert_eq!(kept(&within).len(), 4);
+    }
+
+    #[test]
+    fn hourly_keeps_the_newest_point_of_each_hour() {
+        let now = datetime!(2026-11-22 12:00 UTC);
+        // A backup every 20 minutes for 10 hours: 11:40, 11:20, 11:00, 10:40, …
+        let pts: Vec<_> = (1..=30i64)
+            .map(|k| rp("v", now - time::Duration::minutes(20 * k)))
+            .collect();
+        let plan = plan_retention(
+            &pts,
+            &KeepOptions {
+                hourly: 3,
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(
+            kept(&plan),
+            vec![
+                "v/20261122T094000Z",
+                "v/20261122T104000Z",
+                "v/20261122T114000Z",
+            ]
+        );
+        let d = plan
+            .decisions
+            .iter()
+            .find(|d| d.point.id == "20261122T104000Z")
+            .unwrap();
+        assert!(
+            d.reasons.iter().any(|r| r.starts_with("hourly #2")),
+            "{:?}",
+            d.reasons
+        );
     }
 
     #[test]

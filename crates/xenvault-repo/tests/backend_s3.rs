@@ -167,6 +167,21 @@ async fn moto_conformance_path_and_virtual_host_style_with_if_none_match() {
     run_conformance(Arc::new(fast_retry(vh)), ConformanceOptions::default())
         .await
         .unwrap();
+    // Virtual-host style names the bucket in the Host header, never in the
+    // path: moto's request lines show `/repo/vhost/…`, not `/xv-moto/repo/vhost/…`.
+    let log = std::fs::read_to_string(dir.path().join("moto.log")).unwrap();
+    assert!(
+        log.contains(" /repo/vhost/"),
+        "no virtual-host style request in the server log:\n{log}"
+    );
+    assert!(
+        !log.contains("/xv-moto/repo/vhost"),
+        "a virtual-host style request named the bucket in its path:\n{log}"
+    );
+    assert!(
+        log.contains(" /xv-moto/repo/path/"),
+        "path style names the bucket in the path:\n{log}"
+    );
 
     // Explicit If-None-Match, behind the retry decorator.
     let mut o = options(server.port, "xv-moto", "");
