@@ -634,10 +634,31 @@ written = "0%"
         dir.path(),
         "all-vms = true\nnbd-connections = 3\ndisk-concurrency = 2\n",
     );
+    // NBD at 4 MiB/s per connection, so that each disk's reading lasts long
+    // enough (a third of a second) to see whether two overlap.
+    sim.control(
+        "faults/stream",
+        &serde_json::json!({"handler": "nbd", "bytes_per_sec": 4 << 20}),
+    );
     let run = job::run_job(&config, "nightly", RunOptions::default())
         .await
         .unwrap();
     assert_eq!(run.exit, ExitStatus::Success, "{:#?}", run.report);
+    // Three NBD connections per disk, two disks at a time (one at a time
+    // would never have more than three open).
+    let nbd = &sim.control_get("stats")["nbd"];
+    assert_eq!(nbd["connections"], 9, "{nbd}");
+    assert_eq!(nbd["open_max"], 6, "{nbd}");
+    // And every connection is closed (the simulator sees the last ones
+    // close a moment after the job returns).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sim.control_get("stats")["nbd"]["open"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NBD connections left open"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let vm = &run.report.vms[0];
     let st = vm.repository.as_ref().unwrap();
     assert_eq!(st.disks.len(), 3, "{st:?}");

@@ -153,6 +153,35 @@ async fn a_failing_list_changed_blocks_means_a_full_backup() {
     assert!(fx.restore(points.last().unwrap(), &vdi).await == fx.live_disk(&vdi).await);
 }
 
+/// A real CBT reset: the administrator turns CBT off and on again on the
+/// disk between backups, which starts a new log unrelated to the base
+/// snapshot's. The next backup is full, says why, and restores exactly; the
+/// one after is incremental again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cbt_reset_between_backups_means_one_full_backup() {
+    let fx = Fixture::start(&scenario(true, "8M"), &[], "").await;
+    let (vm_uuid, vdi) = fx.vm().await;
+    disk_report(&fx.run().await);
+    let vdi_ref = fx.session.vdi().get_by_uuid(&vdi).await.unwrap();
+    fx.session.vdi().disable_cbt(&vdi_ref).await.unwrap();
+    fx.guest_write(&vdi, 5, &[7]);
+    fx.session.vdi().enable_cbt(&vdi_ref).await.unwrap();
+    fx.guest_write(&vdi, 6, &[9]);
+    let d2 = disk_report(&fx.run().await);
+    assert_eq!(d2.method, "nbd-full", "{d2:?}");
+    assert!(reason(&d2).contains("list_changed_blocks"), "{d2:?}");
+    assert!(reason(&d2).contains("unrelated"), "{d2:?}");
+    assert!(reason(&d2).contains("CBT reset"), "{d2:?}");
+    let points = fx.points(&vm_uuid).await;
+    assert!(fx.restore(points.last().unwrap(), &vdi).await == fx.live_disk(&vdi).await);
+
+    fx.guest_write(&vdi, 7, &[3]);
+    let d3 = disk_report(&fx.run().await);
+    assert_eq!(d3.method, "nbd-cbt", "{d3:?}");
+    let points = fx.points(&vm_uuid).await;
+    assert!(fx.restore(points.last().unwrap(), &vdi).await == fx.live_disk(&vdi).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cbt_enable_turns_cbt_on_and_the_next_incremental_uses_it() {
     let fx = Fixture::start(&scenario(false, "8M"), &[], "cbt = \"enable\"").await;

@@ -65,9 +65,14 @@ async fn feed(w: &mut DiskWriter, img: &[u8], start: u64, end: u64, piece: u64) 
 }
 
 async fn read_back(repo: &Repository, m: &Manifest, disk: &str) -> Vec<u8> {
+    read_back_with(repo, m, disk, 3).await
+}
+
+/// [`read_back`] with `parallel` chunks fetched at once.
+async fn read_back_with(repo: &Repository, m: &Manifest, disk: &str, parallel: usize) -> Vec<u8> {
     let size = m.disk(disk).unwrap().size;
     let mut out = vec![0xAAu8; size as usize];
-    let mut r = repo.read_disk(m, disk, 3).await.unwrap();
+    let mut r = repo.read_disk(m, disk, parallel).await.unwrap();
     let mut expect = 0;
     while let Some(e) = r.next_extent().await {
         let e = e.unwrap();
@@ -1031,5 +1036,98 @@ async fn prune_runs_safely_beside_running_backups() {
         repo.prune(OffsetDateTime::now_utc(), no_grace)
             .await
             .unwrap();
+    }
+}
+
+/// Replaces the object `key` of `mem` with `bytes`.
+async fn overwrite(mem: &MemoryStorage, key: &str, bytes: Vec<u8>) {
+    mem.delete(key).await.unwrap();
+    mem.put_if_absent(key, bytes.into()).await.unwrap();
+}
+
+/// `check` reads every manifest and index: an unreadable manifest, a missing
+/// index and an index of another size each break their restore point, named
+/// with the object; the untouched restore point stays restorable.
+#[tokio::test]
+async fn check_names_damaged_manifests_and_indexes() {
+    let mem = MemoryStorage::new();
+    let repo = Repository::init(Arc::new(mem.clone()), opts(false))
+        .await
+        .unwrap();
+    let garbled = full_backup(&repo, "vm-a", T0, &[("a", &image(2 * MIB, 1))]).await;
+    let missing = full_backup(&repo, "vm-b", T0, &[("b", &image(2 * MIB, 2))]).await;
+    let resized = full_backup(&repo, "vm-c", T0, &[("c", &image(2 * MIB, 3))]).await;
+    let intact_img = image(MIB, 4);
+    let intact = full_backup(&repo, "vm-d", T0, &[("d", &intact_img)]).await;
+    assert!(repo.check().await.unwrap().is_clean());
+
+    let manifest = xenvault_repo::manifest::manifest_key("vm-a", &garbled.id);
+    overwrite(&mem, &manifest, b"{not json".to_vec()).await;
+    mem.delete(&missing.disks[0].index).await.unwrap();
+    // vm-d's index (a 1 MiB disk) where vm-c's (2 MiB) was.
+    let other = mem.get(&intact.disks[0].index).await.unwrap();
+    overwrite(&mem, &resized.disks[0].index, other.to_vec()).await;
+
+    let report = repo.check().await.unwrap();
+    assert_eq!(report.restore_points, 4);
+    let damage_of = |object: &str| {
+        report
+            .damage
+            .iter()
+            .find(|d| d.object == object)
+            .unwrap_or_else(|| panic!("{object} not named in {:#?}", report.damage))
+    };
+    let d = damage_of(&manifest);
+    assert_eq!(d.restore_points, vec![format!("vm-a/{}", garbled.id)]);
+    let d = damage_of(&missing.disks[0].index);
+    assert_eq!(d.restore_points, vec![format!("vm-b/{}", missing.id)]);
+    let d = damage_of(&resized.disks[0].index);
+    assert_eq!(d.restore_points, vec![format!("vm-c/{}", resized.id)]);
+    assert_eq!(d.problem, "index size differs from the manifest");
+    assert_eq!(
+        report.broken_restore_points(),
+        vec![
+            format!("vm-a/{}", garbled.id),
+            format!("vm-b/{}", missing.id),
+            format!("vm-c/{}", resized.id),
+        ]
+    );
+    assert!(read_back(&repo, &intact, "d").await == intact_img);
+}
+
+/// A restore fetches chunks in parallel: with a store whose every `get`
+/// takes 20 ms, reading a disk of 12 chunks with `parallel = 4` has 4 gets in
+/// flight at once (and 1 with `parallel = 1`), and returns the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_are_fetched_in_parallel() {
+    let mem = MemoryStorage::new();
+    let repo = Repository::init(Arc::new(mem.clone()), opts(true))
+        .await
+        .unwrap();
+    let img = image(12 * MIB, 31);
+    let m = full_backup(&repo, "vm", T0, &[("a", &img)]).await;
+    let data_chunks = repo
+        .load_index(&m.disks[0].index)
+        .await
+        .unwrap()
+        .ids
+        .iter()
+        .filter(|c| !c.is_zero())
+        .count();
+    assert!(data_chunks >= 8, "{data_chunks} data chunks");
+    mem.set_get_latency(Duration::from_millis(20));
+    for parallel in [1, 4] {
+        let repo = Repository::open(Arc::new(mem.clone()), Some(b"correct horse"))
+            .await
+            .unwrap();
+        let before = mem.most_gets_in_flight();
+        assert!(read_back_with(&repo, &m, "a", parallel).await == img);
+        let most = mem.most_gets_in_flight();
+        assert!(most >= before);
+        if parallel == 1 {
+            assert_eq!(most, 1, "one chunk at a time");
+        } else {
+            assert_eq!(most, 4, "four chunks at a time");
+        }
     }
 }

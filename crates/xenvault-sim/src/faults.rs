@@ -152,6 +152,24 @@ impl Stats {
         *c.entry(key.to_string()).or_default() += n;
     }
 
+    /// Counts one more `key` open (an NBD connection, say) until the guard
+    /// drops: `key` is how many are open now, `key_max` the most open at once
+    /// since the last reset.
+    pub fn open(&self, key: &str) -> OpenGuard<'_> {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let now = {
+            let open = c.entry(key.to_string()).or_default();
+            *open += 1;
+            *open
+        };
+        let max = c.entry(format!("{key}_max")).or_default();
+        *max = (*max).max(now);
+        OpenGuard {
+            stats: self,
+            key: key.to_string(),
+        }
+    }
+
     /// A counter's value.
     pub fn get(&self, key: &str) -> u64 {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
@@ -182,9 +200,46 @@ impl Stats {
     }
 }
 
+/// One thing counted open by [`Stats::open`]; dropping it closes it.
+#[derive(Debug)]
+pub struct OpenGuard<'a> {
+    stats: &'a Stats,
+    key: String,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        let mut c = self
+            .stats
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = c.get_mut(&self.key) {
+            *open = open.saturating_sub(1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_counts_now_and_the_most_at_once() {
+        let s = Stats::default();
+        let a = s.open("nbd/open");
+        let b = s.open("nbd/open");
+        drop(a);
+        let c = s.open("nbd/open");
+        assert_eq!((s.get("nbd/open"), s.get("nbd/open_max")), (2, 2));
+        drop((b, c));
+        assert_eq!((s.get("nbd/open"), s.get("nbd/open_max")), (0, 2));
+        // A reset while open: closing later does not underflow.
+        let d = s.open("nbd/open");
+        s.reset();
+        drop(d);
+        assert_eq!(s.get("nbd/open"), 0);
+    }
 
     #[test]
     fn nth_call_fails_once() {

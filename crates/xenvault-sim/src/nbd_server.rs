@@ -146,6 +146,8 @@ impl Connection {
             return Ok(());
         }
         self.pool.stats.add("nbd/connections", 1);
+        let pool = self.pool.clone();
+        let _open = pool.stats.open("nbd/open");
         let mut s = stream;
         // Fixed newstyle only, no NO_ZEROES (so 124 bytes of padding always follow).
         s.write_all(&proto::encode_greeting(proto::FLAG_FIXED_NEWSTYLE))
@@ -369,18 +371,21 @@ impl Connection {
                         tracing::info!("NBD: fault injection cut the stream after {cut} bytes");
                         return Ok(());
                     }
-                    s.write_all(&buf).await?;
-                    s.flush().await?;
-                    reply_buf = buf;
-                    served += len;
-                    self.count_read(len, &reads_key, &bytes_key);
+                    // A throttled reply goes out when the link would have
+                    // delivered it, not at once and then a pause: the connection
+                    // ends as soon as its client is done with it.
                     if let Some(rate) = fault.bytes_per_sec.filter(|r| *r > 0) {
-                        let due = Duration::from_secs_f64(served as f64 / rate as f64);
+                        let due = Duration::from_secs_f64((served + len) as f64 / rate as f64);
                         let elapsed = started.elapsed();
                         if due > elapsed {
                             tokio::time::sleep(due - elapsed).await;
                         }
                     }
+                    s.write_all(&buf).await?;
+                    s.flush().await?;
+                    reply_buf = buf;
+                    served += len;
+                    self.count_read(len, &reads_key, &bytes_key);
                 }
                 proto::cmd::DISC => return Ok(()),
                 proto::cmd::WRITE => {

@@ -24,6 +24,10 @@ struct State {
     objects: BTreeMap<String, (Bytes, SystemTime)>,
     fault: Option<Fault>,
     ops: u64,
+    /// Delay of every `get` (a remote store's latency).
+    get_latency: std::time::Duration,
+    gets_in_flight: u64,
+    most_gets_in_flight: u64,
 }
 
 /// Objects kept in memory; cheap to clone (clones share the objects).
@@ -78,6 +82,17 @@ impl MemoryStorage {
         }
     }
 
+    /// Makes every `get` take `latency` (as a remote store would), so that
+    /// a reader's parallelism shows in [`Self::most_gets_in_flight`].
+    pub fn set_get_latency(&self, latency: std::time::Duration) {
+        self.lock().get_latency = latency;
+    }
+
+    /// The most `get`s that were in progress at once.
+    pub fn most_gets_in_flight(&self) -> u64 {
+        self.lock().most_gets_in_flight
+    }
+
     /// All keys, sorted.
     pub fn keys(&self) -> Vec<String> {
         self.lock().objects.keys().cloned().collect()
@@ -100,6 +115,15 @@ impl MemoryStorage {
             return Ok(st);
         }
         Err(StorageError::new(kind, op, key, "injected fault"))
+    }
+}
+
+/// One `get` in progress (counted until dropped, even when cancelled).
+struct GetInFlight<'a>(&'a MemoryStorage);
+
+impl Drop for GetInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().gets_in_flight -= 1;
     }
 }
 
@@ -139,6 +163,16 @@ impl Storage for MemoryStorage {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Bytes, StorageError>> {
         Box::pin(async move {
             validate_key("get", key)?;
+            let latency = {
+                let mut st = self.lock();
+                st.gets_in_flight += 1;
+                st.most_gets_in_flight = st.most_gets_in_flight.max(st.gets_in_flight);
+                st.get_latency
+            };
+            let _in_flight = GetInFlight(self);
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
             let st = self.begin("get", key)?;
             st.objects
                 .get(key)
