@@ -59,9 +59,15 @@ pub fn add_job(config: &Path, name: &str, body: &str) {
 
 /// Runs the real `xenvault` binary; returns (exit code, stdout, stderr).
 pub fn xenvault(args: &[&str]) -> (i32, String, String) {
+    xenvault_env(args, &[])
+}
+
+/// [`xenvault`] with `env` set in its environment.
+pub fn xenvault_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_xenvault"))
         .args(args)
         .env_remove("XENVAULT_CONFIG")
+        .envs(env.iter().copied())
         .output()
         .expect("run xenvault");
     (
@@ -73,7 +79,12 @@ pub fn xenvault(args: &[&str]) -> (i32, String, String) {
 
 /// Runs `xenvault` and parses its JSON stdout; the exit code must be 0.
 pub fn xenvault_json(args: &[&str]) -> serde_json::Value {
-    let (code, stdout, stderr) = xenvault(args);
+    xenvault_env_json(args, &[])
+}
+
+/// [`xenvault_json`] with `env` set in its environment.
+pub fn xenvault_env_json(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let (code, stdout, stderr) = xenvault_env(args, env);
     assert_eq!(
         code, 0,
         "xenvault {args:?} failed:\nstdout:\n{stdout}\nstderr:\n{stderr}"
