@@ -163,6 +163,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn delays_double_up_to_the_cap_with_at_most_a_quarter_of_jitter() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(1),
+        };
+        for (attempt, base_ms) in [(1, 200), (2, 400), (3, 800), (4, 1000), (9, 1000)] {
+            let base = Duration::from_millis(base_ms);
+            for _ in 0..50 {
+                let d = p.delay(attempt);
+                assert!(
+                    d >= base && d <= base + base / 4,
+                    "retry {attempt}: {d:?} outside {base:?} + 25%"
+                );
+            }
+        }
+        // Jitter spreads retries: 50 draws are not all the same.
+        let draws: std::collections::BTreeSet<Duration> = (0..50).map(|_| p.delay(2)).collect();
+        assert!(draws.len() > 1, "no jitter");
+        // Huge attempt numbers neither overflow nor pass the cap.
+        assert!(p.delay(u32::MAX) <= Duration::from_millis(1250));
+    }
+
     #[tokio::test]
     async fn transient_errors_are_retried() {
         let mem = MemoryStorage::new();
