@@ -3,7 +3,7 @@
 use std::process::Command;
 
 #[test]
-fn demo_backs_up_twice_restores_bit_for_bit_and_leaves_nothing_behind() {
+fn demo_backs_up_twice_each_way_restores_bit_for_bit_and_leaves_nothing_behind() {
     let keep = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_xenvault"))
         .args([
@@ -38,6 +38,29 @@ fn demo_backs_up_twice_restores_bit_for_bit_and_leaves_nothing_behind() {
     assert_eq!(report["restored"]["identical"], true, "{report}");
     assert_eq!(report["restored"]["disks_compared"], 1);
     assert_eq!(report["leftover_snapshots"], 0);
+    // The repository part: a full run, then a forever-incremental one through
+    // CBT that reads less; the newest restore point restores bit for bit.
+    let repo = &report["repository"];
+    let repo_runs = repo["runs"].as_array().expect("repository runs");
+    assert_eq!(repo_runs.len(), 2, "{repo}");
+    let mut read = Vec::new();
+    for (run, method) in repo_runs.iter().zip(["nbd-full", "nbd-cbt"]) {
+        let vms = run["vms"].as_array().expect("vms");
+        assert_eq!(vms.len(), 2, "only the pool's own VMs: {run}");
+        let mut bytes = 0;
+        for vm in vms {
+            assert_eq!(vm["outcome"]["status"], "succeeded", "{vm}");
+            let stats = &vm["repository"];
+            assert_eq!(stats["disks"][0]["method"], method, "{vm}");
+            bytes += stats["bytes_read"].as_u64().unwrap();
+        }
+        read.push(bytes);
+    }
+    assert!(read[1] < read[0], "the incremental reads less: {read:?}");
+    assert_eq!(repo["restored"]["identical"], true, "{repo}");
+    assert_eq!(repo["restore_points"], 4);
+    assert_eq!(repo["kept_bases"], 2, "one base per VM for the next run");
+    assert!(keep.path().join("repo/config").is_file());
     // The archive is plain files: two complete restore points per VM, each
     // with its success marker.
     let backups = keep.path().join("backups");
