@@ -3,7 +3,7 @@
 # qemu-img (VHD), libvhdi (VHD chains), xva-img (XVA), nbdinfo (NBD), the
 # official Python XenAPI SDK, aiosmtpd (SMTP), and the servers the remote
 # repository backend tests run on 127.0.0.1: OpenSSH sshd (SFTP), moto's S3
-# server and s3s-fs (S3).
+# server, s3s-fs and s3rver (S3).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -46,6 +46,23 @@ fi
 if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
   echo "installing s3s-fs 0.14.1 (S3 backend tests)" >&2
   cargo install --locked s3s-fs --version 0.14.1 --features binary
+fi
+
+# S3 backend tests: s3rver (npm), an S3 server that ignores If-None-Match, for
+# the stat-then-put fallback. Installed under ~/.local (its launcher in
+# ~/.local/bin), with Debian's node and npm when they are missing.
+S3RVER_DIR="$HOME/.local/share/xenvault-test-tools/s3rver"
+if ! command -v s3rver >/dev/null 2>&1 && [ ! -x "$HOME/.local/bin/s3rver" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "installing Debian packages: nodejs npm" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  echo "installing s3rver 3.7.1 (S3 backend tests)" >&2
+  mkdir -p "$S3RVER_DIR" "$HOME/.local/bin"
+  npm install --silent --no-audit --no-fund --prefix "$S3RVER_DIR" s3rver@3.7.1 >/dev/null
+  ln -sf "$S3RVER_DIR/node_modules/.bin/s3rver" "$HOME/.local/bin/s3rver"
 fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then

@@ -1,6 +1,7 @@
 //! The S3 backend against real S3 servers on 127.0.0.1: moto's server (honours
-//! `If-None-Match: *` atomically, serves virtual-host style on a port) and
-//! s3s-fs (checks signatures). The conformance suite in
+//! `If-None-Match: *` atomically, serves virtual-host style on a port),
+//! s3s-fs (checks signatures) and s3rver (ignores `If-None-Match`: the
+//! stat-then-put fallback). The conformance suite in
 //! path and virtual-host style, multipart uploads, both put-if-absent
 //! strategies, error messages, and full repository round trips through
 //! `open_target`.
@@ -348,4 +349,69 @@ fn open_target_refuses_incomplete_s3_settings() {
     }
     let e = open_target(&t).err().unwrap();
     assert!(e.message.contains("secret-access-key-file"), "{e}");
+}
+
+/// s3rver (npm) serving `dir/data` on a free port with bucket `bucket`, or
+/// `None` (skipped) when not installed. It ignores `If-None-Match`, as some
+/// S3-compatible stores do, and takes its default credentials.
+fn s3rver(dir: &std::path::Path, bucket: &str) -> Option<Server> {
+    let bin = tool(
+        "s3rver",
+        &user_tool_dirs(),
+        "scripts/install-test-deps.sh (npm install s3rver@3.7.1)",
+    )?;
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.args(["--address", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--configure-bucket", bucket, "--directory"])
+        .arg(&data);
+    Some(Server::start("s3rver", cmd, port, &dir.join("s3rver.log")))
+}
+
+/// A server that accepts `If-None-Match: *` and overwrites anyway: the `Auto`
+/// probe finds out and falls back to stat-then-put (with its warning), the
+/// conformance suite passes but for atomicity, and repositories round trip.
+#[tokio::test]
+async fn a_server_ignoring_if_none_match_gets_stat_then_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(server) = s3rver(dir.path(), "xv-s3rver") else {
+        return;
+    };
+    let creds = |mut o: S3Options| {
+        o.access_key_id = Some("S3RVER".into());
+        o.secret_access_key = Some(Secret::new("S3RVER"));
+        o
+    };
+    let s3 = S3Storage::new(creds(options(server.port, "xv-s3rver", "auto"))).unwrap();
+    assert!(
+        !s3.uses_conditional_writes().await.unwrap(),
+        "s3rver overwrites under If-None-Match: the probe must notice"
+    );
+    // Stat-then-put keeps the single-writer promise, not the racing one.
+    // And s3rver writes an object in place as its body arrives (S3 swaps it
+    // whole), so racing writers of one key interleave there: one writer.
+    let conformance = ConformanceOptions {
+        atomic_put_if_absent: false,
+        racers: 1,
+        ..ConformanceOptions::default()
+    };
+    run_conformance(Arc::new(s3), conformance).await.unwrap();
+    // What a backup relies on: a second write of a chunk is refused, and the
+    // first one's bytes stay.
+    let s3 = S3Storage::new(creds(options(server.port, "xv-s3rver", "chunks"))).unwrap();
+    s3.put_if_absent("chunks/ab/first", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let again = s3
+        .put_if_absent("chunks/ab/first", Bytes::from_static(b"two"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.kind, StorageErrorKind::AlreadyExists, "{again}");
+    assert_eq!(&s3.get("chunks/ab/first").await.unwrap()[..], b"one");
+    for (prefix, encrypted) in [("plain", false), ("encrypted", true)] {
+        let s3 = S3Storage::new(creds(options(server.port, "xv-s3rver", prefix))).unwrap();
+        repository_round_trip(Arc::new(s3), encrypted).await;
+    }
 }
