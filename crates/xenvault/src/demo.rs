@@ -96,6 +96,13 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<ExitCode> {
     let temp;
     let root = match &args.keep {
         Some(dir) => {
+            if dir.join("repo").exists() {
+                return Err(UsageError(format!(
+                    "{} already holds a demo's repository (repo/): give --keep an empty or new directory",
+                    dir.display()
+                ))
+                .into());
+            }
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             dir.clone()

@@ -129,9 +129,9 @@ fn interrupt_once_snapshotted(
 }
 
 /// The simulator's streams (XVA export, raw VDI export, NBD) at a crawl.
-/// The NBD server sleeps after each reply (1 MiB chunks: 4 s each here),
-/// holding its VDI attached meanwhile: short enough for the cleanup's
-/// `VDI_IN_USE` retries once the client is gone.
+/// The NBD server paces each reply (1 MiB chunks: 4 s each here), holding
+/// its VDI attached meanwhile: short enough for the cleanup's `VDI_IN_USE`
+/// retries once the client is gone.
 fn slow_streams(sim: &Sim) {
     for (handler, rate) in [
         ("export", 32_768),
@@ -334,7 +334,7 @@ fn locks(repo: &Path) -> Vec<String> {
 
 #[test]
 fn sigterm_stops_a_repository_backup_cleanly_and_exits_143() {
-    // The NBD pacing waits after each reply: a disk of many 1 MiB chunks
+    // The NBD pacing holds each reply back: a disk of many 1 MiB chunks
     // keeps each connection waiting.
     let sim = Sim::start(&["--vms", "1", "--disk-size", "32M", "--written", "40%"]);
     let pool = PoolCheck::new(&sim);

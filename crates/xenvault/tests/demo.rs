@@ -61,6 +61,14 @@ fn demo_backs_up_twice_each_way_restores_bit_for_bit_and_leaves_nothing_behind()
     assert_eq!(repo["restore_points"], 4);
     assert_eq!(repo["kept_bases"], 2, "one base per VM for the next run");
     assert!(keep.path().join("repo/config").is_file());
+    // Again into the same directory: refused before anything is touched.
+    let again = Command::new(env!("CARGO_BIN_EXE_xenvault"))
+        .args(["demo", "--vms", "1", "--disk-size", "8M", "--keep"])
+        .arg(keep.path())
+        .output()
+        .expect("run xenvault demo");
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--keep"));
     // The archive is plain files: two complete restore points per VM, each
     // with its success marker.
     let backups = keep.path().join("backups");

@@ -83,14 +83,18 @@ impl MemoryStorage {
     }
 
     /// Makes every `get` take `latency` (as a remote store would), so that
-    /// a reader's parallelism shows in [`Self::most_gets_in_flight`].
+    /// a reader's parallelism shows in [`Self::take_most_gets_in_flight`].
     pub fn set_get_latency(&self, latency: std::time::Duration) {
         self.lock().get_latency = latency;
     }
 
-    /// The most `get`s that were in progress at once.
-    pub fn most_gets_in_flight(&self) -> u64 {
-        self.lock().most_gets_in_flight
+    /// The most `get`s that were in progress at once since the last call;
+    /// counting starts again from those in progress now.
+    pub fn take_most_gets_in_flight(&self) -> u64 {
+        let mut st = self.lock();
+        let most = st.most_gets_in_flight;
+        st.most_gets_in_flight = st.gets_in_flight;
+        most
     }
 
     /// All keys, sorted.
