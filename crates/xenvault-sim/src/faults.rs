@@ -195,9 +195,10 @@ impl Stats {
     /// close it), and the most open at once starts again from it.
     pub fn reset(&self) {
         let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        // Gauges ([`Stats::open`]) are the counters with a `_max` companion.
         let open: Vec<(String, u64)> = c
             .iter()
-            .filter(|(k, v)| k.ends_with("/open") && **v > 0)
+            .filter(|(k, v)| **v > 0 && c.contains_key(&format!("{k}_max")))
             .map(|(k, v)| (k.clone(), *v))
             .collect();
         c.clear();

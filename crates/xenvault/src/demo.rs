@@ -320,14 +320,12 @@ async fn demo_against(
         restore::no_progress(),
     )
     .await?;
-    let restored_disks: Vec<String> = restored.disks.iter().map(|d| d.vdi_uuid.clone()).collect();
     let check = compare_vm(
         sim,
         &vm_name,
-        &restored.name,
+        &restored,
         point.dir.display().to_string(),
         &source_disks,
-        &restored_disks,
     )
     .await?;
     // Checked: the copy goes again (the repository job backs up every VM).
@@ -348,7 +346,7 @@ async fn demo_against(
         repo_dir.display(),
         root.join("repo.password").display()
     ));
-    init_repository(&repo_dir, &root.join("repo.password")).await?;
+    init_repository(repo_target).await?;
     let mut repo_runs = Vec::new();
     say(format!(
         "Run 3: xenvault backup {REPO_JOB} (full: the allocated blocks over NBD; CBT turned on for the next run)"
@@ -376,14 +374,12 @@ async fn demo_against(
         restore::no_progress(),
     )
     .await?;
-    let restored_disks: Vec<String> = restored.disks.iter().map(|d| d.vdi_uuid.clone()).collect();
     let repo_check = compare_vm(
         sim,
         &vm_name,
-        &restored.name,
+        &restored,
         format!("{} (restore point {})", repo_dir.display(), newest.id),
         &source_disks,
-        &restored_disks,
     )
     .await?;
     let restore_points = repo.list_restore_points(None).await?.len();
@@ -442,11 +438,11 @@ async fn guest_writes(
 async fn compare_vm(
     sim: &Simulator,
     vm: &str,
-    restored_as: &str,
+    restored: &restore::RestoredVm,
     from: String,
     source_disks: &[String],
-    restored_disks: &[String],
 ) -> anyhow::Result<RestoreCheck> {
+    let restored_disks: Vec<&str> = restored.disks.iter().map(|d| d.vdi_uuid.as_str()).collect();
     ensure!(
         restored_disks.len() == source_disks.len(),
         "the restored VM has {} disks, the source {}",
@@ -455,9 +451,9 @@ async fn compare_vm(
     );
     let mut bytes_compared = 0;
     let mut identical = true;
-    for (source, copy) in source_disks.iter().zip(restored_disks) {
+    for (source, copy) in source_disks.iter().zip(&restored_disks) {
         let store = sim.pool.disks.clone();
-        let (a, b) = (source.clone(), copy.clone());
+        let (a, b) = (source.clone(), copy.to_string());
         let (same, bytes) =
             tokio::task::spawn_blocking(move || compare_disks(&store, &a, &b)).await??;
         identical &= same;
@@ -465,7 +461,7 @@ async fn compare_vm(
     }
     Ok(RestoreCheck {
         vm: vm.to_string(),
-        restored_as: restored_as.to_string(),
+        restored_as: restored.name.clone(),
         from,
         disks_compared: restored_disks.len(),
         bytes_compared,
@@ -473,17 +469,19 @@ async fn compare_vm(
     })
 }
 
-/// Creates the demo's encrypted repository with the password of
-/// `password_file` (written with the configuration).
-async fn init_repository(dir: &Path, password_file: &Path) -> anyhow::Result<()> {
-    let password = std::fs::read_to_string(password_file)
-        .with_context(|| format!("cannot read {}", password_file.display()))?;
-    let storage = std::sync::Arc::new(xenvault_repo::storage::LocalStorage::new(dir)?);
+/// Creates the demo's encrypted repository where its target says, with the
+/// target's password (as `xenvault repo init --target vault --encrypt`).
+async fn init_repository(target: &xenvault_types::config::TargetConfig) -> anyhow::Result<()> {
+    let password = target
+        .password
+        .as_ref()
+        .ok_or_else(|| anyhow!("the demo's repository target has no password"))?;
+    let storage = xenvault_engine::repository::open_storage(target).await?;
     xenvault_repo::Repository::init(
         storage,
         xenvault_repo::InitOptions {
             encryption: Some(xenvault_repo::EncryptionInit {
-                password: password.trim_end().as_bytes().to_vec(),
+                password: password.expose().as_bytes().to_vec(),
                 label: "demo".into(),
                 cipher: xenvault_repo::CipherKind::Aes256Gcm,
                 kdf: xenvault_repo::KdfParams::default(),

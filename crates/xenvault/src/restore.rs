@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use xenvault_engine::restore::repo::{
-    FileFormat, FileRestoreOptions, IntoVdiOptions, RepoDiskRestoreOptions, RepoVmRestoreOptions,
-    VmRestoreMethod, find_repo_point, restore_repo_disk, restore_repo_disk_into,
-    restore_repo_to_file, restore_repo_vm,
+    DEFAULT_PARALLEL, FileFormat, FileRestoreOptions, IntoVdiOptions, RepoDiskRestoreOptions,
+    RepoVmRestoreOptions, VmRestoreMethod, find_repo_point, restore_repo_disk,
+    restore_repo_disk_into, restore_repo_to_file, restore_repo_vm,
 };
 use xenvault_engine::restore::{
     Cancel, DiskRestoreOptions, DiskSelector, PoolConnection, ProgressFn, RestoreError,
@@ -119,7 +119,7 @@ pub struct RestoreArgs {
     pub method: String,
 
     /// Repositories: chunks fetched at once per disk (at most 32 MiB of them).
-    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PARALLEL as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
 
     /// A repository's password: first line of this file (chmod 600).

@@ -125,6 +125,16 @@ impl MemoryStorage {
 /// One `get` in progress (counted until dropped, even when cancelled).
 struct GetInFlight<'a>(&'a MemoryStorage);
 
+impl<'a> GetInFlight<'a> {
+    /// Counts one more `get` in flight; returns it with the store's latency.
+    fn enter(store: &'a MemoryStorage) -> (Self, std::time::Duration) {
+        let mut st = store.lock();
+        st.gets_in_flight += 1;
+        st.most_gets_in_flight = st.most_gets_in_flight.max(st.gets_in_flight);
+        (GetInFlight(store), st.get_latency)
+    }
+}
+
 impl Drop for GetInFlight<'_> {
     fn drop(&mut self) {
         self.0.lock().gets_in_flight -= 1;
@@ -167,13 +177,7 @@ impl Storage for MemoryStorage {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Bytes, StorageError>> {
         Box::pin(async move {
             validate_key("get", key)?;
-            let latency = {
-                let mut st = self.lock();
-                st.gets_in_flight += 1;
-                st.most_gets_in_flight = st.most_gets_in_flight.max(st.gets_in_flight);
-                st.get_latency
-            };
-            let _in_flight = GetInFlight(self);
+            let (_in_flight, latency) = GetInFlight::enter(self);
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
             }
