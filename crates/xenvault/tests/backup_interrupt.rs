@@ -106,18 +106,38 @@ fn interrupt_once_snapshotted(
     signal: &str,
     existing: &[String],
 ) -> (Out, Duration) {
+    interrupt_once_when(
+        child,
+        signal,
+        "a new snapshot",
+        Duration::from_millis(500),
+        || {
+            snapshots_of(pool, uuid)
+                .iter()
+                .any(|s| !existing.contains(s))
+        },
+    )
+}
+
+/// Sends `signal` to `child` once `ready` holds (checked every 50 ms, for
+/// at most 120 s) and `then` has passed; returns its output and how long
+/// it took to exit after the signal.
+fn interrupt_once_when(
+    child: Child,
+    signal: &str,
+    what: &str,
+    then: Duration,
+    ready: impl Fn() -> bool,
+) -> (Out, Duration) {
     let started = Instant::now();
-    while snapshots_of(pool, uuid)
-        .iter()
-        .all(|s| existing.contains(s))
-    {
+    while !ready() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "no snapshot of {VM} after 120 s"
+            "no {what} after 120 s"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(then);
     let status = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status()
@@ -323,6 +343,22 @@ fn restore_points(rt: &tokio::runtime::Runtime, dir: &Path) -> Vec<(String, Stri
     })
 }
 
+/// How many chunk objects (`<repo>/chunks/<xx>/<id>`) the repository holds
+/// (not counting `.tmp-*` files being written).
+fn chunk_objects(repo: &Path) -> usize {
+    std::fs::read_dir(repo.join("chunks")).map_or(0, |d| {
+        d.flatten()
+            .filter_map(|e| std::fs::read_dir(e.path()).ok())
+            .map(|files| {
+                files
+                    .flatten()
+                    .filter(|f| !f.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .sum()
+    })
+}
+
 /// Files under `<repo>/locks`.
 fn locks(repo: &Path) -> Vec<String> {
     std::fs::read_dir(repo.join("locks")).map_or(Vec::new(), |d| {
@@ -385,9 +421,14 @@ fn sigterm_stops_a_repository_backup_cleanly_and_exits_143() {
 
     slow_streams(&sim);
     let child = spawn_backup(&cfg);
-    let (out, took) = interrupt_once_snapshotted(child, &pool, &uuid, "-TERM", &base);
-    let kept = assert_interrupted(&out, 143, "SIGTERM", &pool, &uuid, true, &base);
-    eprintln!("snapshot kept for resuming after the stop: {kept:?}");
+    // Stopped once the run has stored a chunk of its own: the stop then
+    // checkpoints it, and the snapshot it was read from stays for resuming.
+    let chunks_before = chunk_objects(&repo_dir);
+    let (out, took) = interrupt_once_when(child, "-TERM", "new chunk", Duration::ZERO, || {
+        chunk_objects(&repo_dir) > chunks_before
+    });
+    let kept = assert_interrupted(&out, 143, "SIGTERM", &pool, &uuid, true, &base)
+        .unwrap_or_else(|| panic!("stopped after storing a chunk, no snapshot kept: {out:?}"));
     assert!(
         took < Duration::from_secs(30),
         "the stop took {took:?}: {out:?}"
@@ -415,13 +456,11 @@ fn sigterm_stops_a_repository_backup_cleanly_and_exits_143() {
         "{left:?}"
     );
     assert_ne!(left[0].0, base[0], "the old base is released: {next:?}");
-    if let Some(kept) = kept {
-        assert_ne!(left[0].0, kept, "{next:?}");
-        assert!(
-            next.stdout.contains("resumed the interrupted backup"),
-            "{next:?}"
-        );
-    }
+    assert_ne!(left[0].0, kept, "{next:?}");
+    assert!(
+        next.stdout.contains("resumed the interrupted backup"),
+        "{next:?}"
+    );
 }
 
 #[test]
