@@ -534,6 +534,9 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
                 .problems
                 .push(format!("pool {}: leftover sweep: {e}", v.name)),
         }
+        for stale in crate::kept::stale_on_pool(config, &journal, &v.name) {
+            report.problems.push(format!("pool {}: {stale}", v.name));
+        }
     }
 
     // 2. The plan.

@@ -11,6 +11,7 @@ pub mod backup;
 pub mod config;
 pub mod job;
 pub mod journal;
+pub mod kept;
 pub mod plan;
 pub mod preflight;
 pub mod report;

@@ -438,6 +438,9 @@ pub async fn build(
                 ),
             )
         });
+        for stale in crate::kept::stale_on_pool(config, journal, &p.name) {
+            leftover_checks.push(Check::warn(preflight::LEFTOVERS, &p.name, stale));
+        }
         if let Ok(orphans) = journal::tagged_orphans(&p.session, journal, &job.name).await
             && !orphans.is_empty()
         {

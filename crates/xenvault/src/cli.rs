@@ -82,6 +82,10 @@ pub enum Command {
         after_help = "Shows the retention plan per VM (each restore point kept with its reasons:\nlast, hourly, daily, weekly, monthly, yearly — or removed), from the configuration's\njobs writing to the repository (the job named in a VM's newest restore point). Then\nforgets the removed restore points and prunes in two phases: chunks an earlier\nprune marked unused at least --grace ago and still unused are deleted, and what\nis unused now is marked. Safe while backups run (the sweep waits for them).\nStale locks (of crashed processes) are reported and removed.\nExit codes: 0 done, 1 failed (e.g. unreadable metadata: run check), 2 bad usage.\n\nExamples:\n  xenvault prune --config /etc/xenvault/xenvault.toml --target local --dry-run\n  xenvault prune --target local\n  xenvault prune --repo /srv/xenvault-repo --config /etc/xenvault/xenvault.toml --grace 2h"
     )]
     Prune(crate::prune::PruneArgs),
+
+    /// The snapshots repository jobs keep on the pools: list them; release those of a job.
+    #[command(subcommand)]
+    Snapshots(crate::snapshots::SnapshotsCommand),
 }
 
 /// Options of `xenvault plan` and `xenvault backup`.

@@ -15,6 +15,7 @@ mod plan;
 mod prune;
 mod repo;
 mod restore;
+mod snapshots;
 mod trust;
 
 use clap::Parser;
@@ -52,6 +53,7 @@ fn main() -> std::process::ExitCode {
             Command::Check(args) => check::run_check(args, cli.json).await,
             Command::Verify(args) => check::run_verify(args, cli.json).await,
             Command::Prune(args) => prune::run(args, cli.json).await,
+            Command::Snapshots(command) => snapshots::run(command, cli.json).await,
         }
     });
     match outcome {
