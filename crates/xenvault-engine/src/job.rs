@@ -534,6 +534,23 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
                 .problems
                 .push(format!("pool {}: leftover sweep: {e}", v.name)),
         }
+        // What restores of this host that died left (restore::inflight).
+        let pool_connection = crate::restore::PoolConnection::from_session(v.session.clone()).await;
+        let swept = crate::restore::inflight::sweep(&pool_connection, &journal).await;
+        if !swept.removed_vms.is_empty() || !swept.removed_vdis.is_empty() {
+            tracing::warn!(
+                "pool {}: removed what restores that died left: {} VM(s), {} VDI(s)",
+                v.name,
+                swept.removed_vms.len(),
+                swept.removed_vdis.len()
+            );
+        }
+        for e in &swept.errors {
+            report.problems.push(format!(
+                "pool {}: leftovers of a restore that died: {e}",
+                v.name
+            ));
+        }
         for stale in crate::kept::stale_on_pool(config, &journal, &v.name) {
             report.problems.push(format!("pool {}: {stale}", v.name));
         }

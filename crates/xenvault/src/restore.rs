@@ -17,8 +17,8 @@ use xenvault_engine::restore::repo::{
 };
 use xenvault_engine::restore::{
     Cancel, DiskRestoreOptions, DiskSelector, PoolConnection, ProgressFn, RestoreError,
-    RestorePhase, RestoreProgress, VmIdentity, VmRestoreOptions, find_point, restore_disk,
-    restore_vm,
+    RestorePhase, RestoreProgress, VmIdentity, VmRestoreOptions, find_point, inflight,
+    restore_disk, restore_vm,
 };
 use xenvault_engine::restore::{RestoredDisk, RestoredVm};
 use xenvault_types::config::Config;
@@ -174,9 +174,43 @@ async fn connect(args: &RestoreArgs, config: &Config) -> anyhow::Result<PoolConn
             "pool {name:?} has no password (password-file or password-env)"
         ))
     })?;
-    PoolConnection::connect(&pool.url, &pool.user, password.expose(), tls)
+    let mut connection = PoolConnection::connect(&pool.url, &pool.user, password.expose(), tls)
         .await
-        .with_context(|| format!("pool {name}"))
+        .with_context(|| format!("pool {name}"))?;
+    mark_restore(&mut connection, config).await;
+    Ok(connection)
+}
+
+/// Removes what restores of this host that died left on the pool, then
+/// marks this restore's objects until they are whole (see
+/// `xenvault_engine::restore::inflight`). Without a usable state directory
+/// the restore goes on unmarked, and says so.
+async fn mark_restore(pool: &mut PoolConnection, config: &Config) {
+    let dir = xenvault_engine::job::state_dir(config);
+    let marked = xenvault_engine::journal::Journal::open(&dir).and_then(|journal| {
+        let mark = inflight::RestoreMark::begin(&journal)?;
+        Ok((journal, mark))
+    });
+    let (journal, mark) = match marked {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!(
+                "warning: {e}: this restore is not marked on the pool, so if it dies what it created is not removed by the next run (set state-dir to a writable directory)"
+            );
+            return;
+        }
+    };
+    let swept = inflight::sweep(pool, &journal).await;
+    for uuid in &swept.removed_vms {
+        eprintln!("removed VM {uuid} (and its disks), left by a restore that died");
+    }
+    for uuid in &swept.removed_vdis {
+        eprintln!("removed VDI {uuid}, left by a restore that died");
+    }
+    for e in &swept.errors {
+        eprintln!("warning: leftovers of a restore that died: {e}");
+    }
+    pool.restoring = Some(mark);
 }
 
 /// Maps restore errors to exit codes: the user's choice was wrong (2) or

@@ -421,14 +421,23 @@ fn sigterm_stops_a_repository_backup_cleanly_and_exits_143() {
 
     slow_streams(&sim);
     let child = spawn_backup(&cfg);
-    // Stopped once the run has stored a chunk of its own: the stop then
-    // checkpoints it, and the snapshot it was read from stays for resuming.
+    // Stopped once the run has recorded a resume checkpoint (after storing
+    // chunks of its own; the state is written once its snapshot is kept):
+    // the snapshot stays for resuming. A stop drops the VM's work where it
+    // is, so what was stored after the last checkpoint is read again.
     let chunks_before = chunk_objects(&repo_dir);
-    let (out, took) = interrupt_once_when(child, "-TERM", "new chunk", Duration::ZERO, || {
-        chunk_objects(&repo_dir) > chunks_before
-    });
+    let state = dir
+        .path()
+        .join("state/resume/sim/nightly")
+        .join(&uuid)
+        .join("state.json");
+    let (out, took) =
+        interrupt_once_when(child, "-TERM", "resume checkpoint", Duration::ZERO, || {
+            state.exists()
+        });
+    assert!(chunk_objects(&repo_dir) > chunks_before, "{out:?}");
     let kept = assert_interrupted(&out, 143, "SIGTERM", &pool, &uuid, true, &base)
-        .unwrap_or_else(|| panic!("stopped after storing a chunk, no snapshot kept: {out:?}"));
+        .unwrap_or_else(|| panic!("stopped after a checkpoint, no snapshot kept: {out:?}"));
     assert!(
         took < Duration::from_secs(30),
         "the stop took {took:?}: {out:?}"

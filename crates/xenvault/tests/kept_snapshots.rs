@@ -11,7 +11,7 @@ mod backup_support;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use backup_support::{Out, PoolCheck, Sim, write_config, xenvault};
+use backup_support::{Out, PoolCheck, Sim, write_repository_config, xenvault};
 
 /// Every snapshot VM on the pool: uuid → its `xenvault:base` tag.
 fn bases(pool: &PoolCheck) -> BTreeMap<String, Option<String>> {
@@ -46,21 +46,8 @@ fn bases_of_a_removed_job_are_named_and_released() {
     let sim = Sim::start(&["--vms", "2", "--disk-size", "8M", "--written", "40%"]);
     let pool = PoolCheck::new(&sim);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(&sim, dir.path(), "all-vms = true\ncbt = \"enable\"", "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "[targets.archive]\n",
-        "[targets.archive]\ntype = \"repository\"\n",
-    );
-    std::fs::write(&cfg, &text).unwrap();
-    let init = xenvault(&[
-        "repo",
-        "init",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--target",
-        "archive",
-    ]);
-    assert_eq!(init.code, 0, "{init:?}");
+    let cfg = write_repository_config(&sim, dir.path(), "all-vms = true\ncbt = \"enable\"");
+    let text = std::fs::read_to_string(&cfg).unwrap();
     assert_eq!(
         snapshots(&cfg, &["list"]).stdout.trim(),
         "No snapshots are kept on any pool."

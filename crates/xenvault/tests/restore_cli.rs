@@ -112,6 +112,28 @@ async fn list_then_restore_a_vm_and_a_disk_with_identical_data() {
     assert_eq!(restored["format"], "raw");
     let (sha, _) = raw_sha(&pool, restored["vdi_uuid"].as_str().unwrap()).await;
     assert_eq!(sha, first.disks["0"].1);
+
+    // Every restore finished: nothing is still marked as being restored
+    // (a mark left would make the next run remove the restored objects).
+    let vms = pool.session.vm().get_all_records().await.unwrap();
+    let vdis = pool.session.vdi().get_all_records().await.unwrap();
+    let restored_vm = vms
+        .values()
+        .find(|v| v.name_label == format!("vm-01 (restored {first_ts})"))
+        .unwrap();
+    assert!(
+        restored_vm
+            .other_config
+            .contains_key("xenvault-restored-from")
+    );
+    let marked: Vec<&str> = vms
+        .values()
+        .map(|v| (&v.uuid, &v.other_config))
+        .chain(vdis.values().map(|v| (&v.uuid, &v.other_config)))
+        .filter(|(_, oc)| oc.contains_key("xenvault:restoring"))
+        .map(|(u, _)| u.as_str())
+        .collect();
+    assert!(marked.is_empty(), "{marked:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,9 @@ pub struct PoolConnection {
     pub session: Session,
     /// HTTP uploads (same TLS policy as the session).
     pub transfer: HttpTransfer,
+    /// The running restore's mark: what it creates is tagged with it until
+    /// whole (see [`super::inflight`]). `None`: nothing is tagged.
+    pub restoring: Option<std::sync::Arc<super::inflight::RestoreMark>>,
 }
 
 impl std::fmt::Debug for PoolConnection {
@@ -54,14 +57,22 @@ impl PoolConnection {
             what: "cannot set up HTTP transfers".into(),
             source: e,
         })?;
-        Ok(PoolConnection { session, transfer })
+        Ok(PoolConnection {
+            session,
+            transfer,
+            restoring: None,
+        })
     }
 
     /// Wraps an existing session (its HTTP client carries the TLS policy).
     pub async fn from_session(session: Session) -> PoolConnection {
         let options = pool_transfer_options(&session).await;
         let transfer = HttpTransfer::with_client(session.http_client(), options);
-        PoolConnection { session, transfer }
+        PoolConnection {
+            session,
+            transfer,
+            restoring: None,
+        }
     }
 
     /// The SR to restore into: `choice` is an SR uuid or ref; without one, the

@@ -383,6 +383,22 @@ pub fn set_field(record: &mut xenvault_types::Value, key: &str, value: xenvault_
     }
 }
 
+/// Sets `key` to `value` in the map field `field` (created when absent).
+pub fn put_map_key(record: &mut xenvault_types::Value, field: &str, key: &str, value: &str) {
+    let xenvault_types::Value::Struct(members) = record else {
+        return;
+    };
+    if !members.iter().any(|(k, _)| k == field) {
+        members.push((field.to_string(), xenvault_types::Value::Struct(Vec::new())));
+    }
+    if let Some((_, xenvault_types::Value::Struct(map))) =
+        members.iter_mut().find(|(k, _)| k == field)
+    {
+        map.retain(|(k, _)| k != key);
+        map.push((key.to_string(), xenvault_types::Value::str(value)));
+    }
+}
+
 /// Removes the keys starting with `prefix` from the map field `field`.
 pub fn strip_map_keys(record: &mut xenvault_types::Value, field: &str, prefix: &str) {
     if let xenvault_types::Value::Struct(members) = record

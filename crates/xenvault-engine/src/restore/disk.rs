@@ -454,6 +454,10 @@ pub async fn restore_disk(
         options.cancel.clone(),
     )
     .await;
+    let uploaded = match uploaded {
+        Ok(v) => pool.finish_vdi(&vdi_ref).await.map(|()| v),
+        Err(e) => Err(e),
+    };
     let (format, bytes) = match uploaded {
         Ok(v) => v,
         Err(e) => {
@@ -512,6 +516,9 @@ pub(crate) async fn create_vdi(
 ) -> Result<VdiRef, RestoreError> {
     let mut other_config = xenvault_xapi::records::StringMap::new();
     other_config.insert(RESTORED_FROM_KEY.to_string(), label.to_string());
+    if let Some(tag) = pool.restoring_tag() {
+        other_config.insert(super::inflight::TAG_RESTORING.to_string(), tag.to_string());
+    }
     let create = VdiCreate {
         name_label: name.to_string(),
         name_description: format!("Restored by xenvault from {label}"),

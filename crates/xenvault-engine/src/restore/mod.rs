@@ -12,6 +12,8 @@
 //! - [`content`]: file contents as upload streams (decompressed, or one disk
 //!   extracted from an XVA as raw bytes).
 //! - [`connect`]: a pool connection (session + HTTP transfers).
+//! - [`inflight`]: the tag on what a restore is still building, and the
+//!   sweep that removes what a restore that died left.
 //! - [`vm`]: whole-VM restore; [`rebuild`]: the XVA of a per-disk restore
 //!   point, built from `vm.json` and the disk files; [`disk`]: one disk into
 //!   a new VDI.
@@ -23,6 +25,7 @@ pub mod connect;
 pub mod content;
 pub mod disk;
 mod error;
+pub mod inflight;
 pub mod list;
 pub mod point;
 pub mod rebuild;

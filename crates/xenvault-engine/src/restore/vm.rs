@@ -15,7 +15,9 @@ use xenvault_xapi::records::{VbdType, VmRef};
 use super::connect::{PoolConnection, settle_transfer};
 use futures::StreamExt as _;
 
-use super::content::{XvaRewrite, prepare_xva, rewritten_xva_stream, set_field, strip_map_keys};
+use super::content::{
+    XvaRewrite, prepare_xva, put_map_key, rewritten_xva_stream, set_field, strip_map_keys,
+};
 use super::point::ArchivePoint;
 use super::point::DataFile;
 use super::rebuild::{RebuiltXva, measure, rebuild, xva_stream};
@@ -210,18 +212,26 @@ pub async fn restore_vm(
         let owned = point.clone();
         let (xva, name) = (xva.clone(), name.clone());
         let verified = verified.clone();
+        let restoring = pool.restoring_tag().map(str::to_string);
         tokio::task::spawn_blocking(move || -> Result<_, RestoreError> {
             match xva {
                 Some(xva) => {
                     let content_len = verified.content_len_of(&xva);
-                    let rewrite = prepare_xva(&xva, |ova| edit_ova(ova, &name, uuid.as_deref()))?;
+                    let rewrite = prepare_xva(&xva, |ova| {
+                        edit_ova(ova, &name, uuid.as_deref(), restoring.as_deref())
+                    })?;
                     let ova = rewrite.ova.clone();
                     let len = rewrite.new_len(content_len);
                     Ok((Source::Xva(xva, content_len, rewrite), ova, len))
                 }
                 None => {
                     let mut rebuilt = rebuild(&owned)?;
-                    edit_ova(&mut rebuilt.ova, &name, uuid.as_deref());
+                    edit_ova(
+                        &mut rebuilt.ova,
+                        &name,
+                        uuid.as_deref(),
+                        restoring.as_deref(),
+                    );
                     let len = measure(&rebuilt)?;
                     let ova = rebuilt.ova.clone();
                     Ok((Source::Rebuilt(rebuilt), ova, len))
@@ -281,6 +291,7 @@ pub async fn restore_vm(
             upload_len,
             start: options.start,
             cancel: options.cancel.clone(),
+            completes: true,
         },
         progress,
     )
@@ -337,6 +348,9 @@ pub(crate) struct XvaImport {
     pub name: String,
     /// The XVA, exactly `upload_len` bytes.
     pub body: futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+    /// The import completes the restore: the VM's `restoring` tag goes
+    /// after it (false: its disks are filled afterwards, which removes it).
+    pub completes: bool,
     /// Its length.
     pub upload_len: u64,
     /// Start the VM afterwards.
@@ -366,6 +380,7 @@ pub(crate) async fn import_xva(
         upload_len,
         start,
         cancel,
+        completes,
     } = import;
     let task = session
         .create_task(&format!("xenvault restore {label}"), "")
@@ -428,7 +443,12 @@ pub(crate) async fn import_xva(
         done: 0,
         total: 0,
     });
-    let configured = configure(pool, &label, &vms, &name).await;
+    let configured = match configure(pool, &label, &vms, &name).await {
+        Ok((vm_ref, restored)) if completes => {
+            pool.finish_vm(&vm_ref).await.map(|()| (vm_ref, restored))
+        }
+        other => other,
+    };
     let (vm_ref, mut restored) = match configured {
         Ok(v) => v,
         Err(e) => {
@@ -554,8 +574,9 @@ async fn configure(
 }
 
 /// The `ova.xml` edits of a restore: the VM's name (and uuid when given),
-/// not a template or snapshot; no `xenvault:*` tags on any object.
-pub(crate) fn edit_ova(ova: &mut OvaXml, name: &str, uuid: Option<&str>) {
+/// not a template or snapshot; no `xenvault:*` tags on any object but
+/// `restoring` ([`super::inflight::TAG_RESTORING`]) on the VM when given.
+pub(crate) fn edit_ova(ova: &mut OvaXml, name: &str, uuid: Option<&str>, restoring: Option<&str>) {
     let main_id = ova
         .objects_of_class("VM")
         .find(|o| {
@@ -574,6 +595,14 @@ pub(crate) fn edit_ova(ova: &mut OvaXml, name: &str, uuid: Option<&str>) {
             set_field(&mut object.snapshot, "is_a_snapshot", Value::Bool(false));
             if let Some(uuid) = uuid {
                 set_field(&mut object.snapshot, "uuid", Value::str(uuid));
+            }
+            if let Some(tag) = restoring {
+                put_map_key(
+                    &mut object.snapshot,
+                    "other_config",
+                    super::inflight::TAG_RESTORING,
+                    tag,
+                );
             }
         }
     }

@@ -58,6 +58,27 @@ pub fn xenvault(args: &[&str]) -> Out {
     }
 }
 
+/// A configuration (see [`write_config`]) whose target `archive` is a plain
+/// repository, created with `xenvault repo init`.
+pub fn write_repository_config(sim: &Sim, dir: &Path, job_lines: &str) -> std::path::PathBuf {
+    let cfg = write_config(sim, dir, job_lines, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[targets.archive]\n",
+        "[targets.archive]\ntype = \"repository\"\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let init = xenvault(&[
+        "repo",
+        "init",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--target",
+        "archive",
+    ]);
+    assert_eq!(init.code, 0, "{init:?}");
+    cfg
+}
+
 /// `xenvault backup nightly --config <cfg> --json`.
 pub fn backup(cfg: &Path) -> Out {
     xenvault(&[

@@ -282,7 +282,7 @@ pub async fn restore_repo_to_file(
         FileFormat::Xva => {
             let (mut ova, disks) = manifest_ova(manifest)?;
             // A plain VM named as the original, without xenvault's tags.
-            edit_ova(&mut ova, &manifest.vm_name, None);
+            edit_ova(&mut ova, &manifest.vm_name, None, None);
             let total = measure_ova(&ova).map_err(|reason| RestoreError::Unusable {
                 dir: label.clone().into(),
                 reason,

@@ -165,6 +165,7 @@ pub async fn restore_repo_vm(
         &mut ova,
         &name,
         preserve.then_some(manifest.vm_uuid.as_str()),
+        pool.restoring_tag(),
     );
     let upload_len = measure_ova(&ova).map_err(|reason| RestoreError::Unusable {
         dir: label.clone().into(),
@@ -196,6 +197,7 @@ pub async fn restore_repo_vm(
                     upload_len,
                     start: options.start,
                     cancel: options.cancel.clone(),
+                    completes: true,
                 },
                 progress,
             )
@@ -222,6 +224,7 @@ pub async fn restore_repo_vm(
                     upload_len: len,
                     start: false,
                     cancel: options.cancel.clone(),
+                    completes: false,
                 },
                 progress.clone(),
             )
@@ -359,6 +362,11 @@ async fn fill_disks(
         Ok::<u64, RestoreError>(bytes)
     }
     .await;
+    // Whole: the VM's restoring tag goes before it may start.
+    let filled = match filled {
+        Ok(bytes) => pool.finish_vm(&vm_ref).await.map(|()| bytes),
+        Err(e) => Err(e),
+    };
     match filled {
         Ok(bytes) => restored.bytes += bytes,
         Err(e) => {
@@ -579,13 +587,16 @@ pub async fn restore_repo_disk(
     )
     .await;
     let uploaded = match uploaded {
-        Ok(len) => pool
-            .session
-            .vdi()
-            .get_record(&vdi_ref)
-            .await
-            .map(|r| (len, r))
-            .map_err(|e| RestoreError::xapi("cannot read the restored VDI", e)),
+        Ok(len) => match pool.finish_vdi(&vdi_ref).await {
+            Ok(()) => pool
+                .session
+                .vdi()
+                .get_record(&vdi_ref)
+                .await
+                .map(|r| (len, r))
+                .map_err(|e| RestoreError::xapi("cannot read the restored VDI", e)),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     let (len, record) = match uploaded {
