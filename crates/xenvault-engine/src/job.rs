@@ -551,6 +551,9 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
                 v.name
             ));
         }
+        for other in &swept.left_alone {
+            tracing::info!("pool {}: {other}", v.name);
+        }
         for stale in crate::kept::stale_on_pool(config, &journal, &v.name) {
             report.problems.push(format!("pool {}: {stale}", v.name));
         }

@@ -323,6 +323,45 @@ impl Journal {
         &self.dir
     }
 
+    /// This state directory's identity: a random id written to
+    /// `<dir>/instance-id` the first time it is asked for. Run locks live
+    /// here, so a tag naming a run is only judged by the directory that
+    /// holds its lock (another user's or configuration's state directory,
+    /// or another machine, has another id).
+    pub fn instance_id(&self) -> Result<String, JournalError> {
+        let path = self.dir.join("instance-id");
+        let valid = |text: &str| {
+            let t = text.trim();
+            (!t.is_empty() && t.bytes().all(|b| b.is_ascii_hexdigit())).then(|| t.to_string())
+        };
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Some(id) = valid(&text)
+        {
+            return Ok(id);
+        }
+        // Written whole under a temporary name, then linked into place: the
+        // first writer wins, and a racing one reads the winner's id.
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let tmp = self
+            .dir
+            .join(format!(".instance-id.{}.{id}", std::process::id()));
+        std::fs::write(&tmp, format!("{id}\n")).map_err(io_err("write", &tmp))?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(id),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let text = std::fs::read_to_string(&path).map_err(io_err("read", &path))?;
+                valid(&text).ok_or_else(|| JournalError::Io {
+                    action: "read",
+                    path: path.clone(),
+                    source: std::io::Error::other("not a hexadecimal id: remove the file"),
+                })
+            }
+            Err(e) => Err(io_err("create", &path)(e)),
+        }
+    }
+
     /// The journal file's path.
     pub fn path(&self) -> PathBuf {
         self.dir.join(JOURNAL_FILE)

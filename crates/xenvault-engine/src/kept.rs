@@ -171,10 +171,16 @@ pub struct ReleaseReport {
 /// snapshot and its VDIs by UUID and token tag.
 pub async fn release(config: &Config, sel: &ReleaseSelection) -> Result<ReleaseReport, JobError> {
     let journal = journal_of(config)?;
-    let run_id = new_run_id();
-    let _job_lock = journal
-        .lock_job(&sel.job, &run_id)
-        .map_err(|e| JobError::Failed(e.to_string()))?;
+    // No run of the job meanwhile (a dry run changes nothing: no lock).
+    let _job_lock = if sel.dry_run {
+        None
+    } else {
+        Some(
+            journal
+                .lock_job(&sel.job, &new_run_id())
+                .map_err(|e| JobError::Failed(e.to_string()))?,
+        )
+    };
     let kept: Vec<KeptSnapshot> = journal
         .kept(None)
         .map_err(|e| JobError::Failed(e.to_string()))?
@@ -210,7 +216,15 @@ pub async fn release(config: &Config, sel: &ReleaseSelection) -> Result<ReleaseR
             ));
             continue;
         };
-        let session = connect_pool(pool).await?;
+        let session = match connect_pool(pool).await {
+            Ok(s) => s,
+            Err(e) => {
+                report.errors.push(format!(
+                    "pool {pool_name}: {e} (its snapshots stay kept; run the release again)"
+                ));
+                continue;
+            }
+        };
         for k in kept.iter().filter(|k| k.token.pool == pool_name) {
             let done = journal::release_kept(&session, &journal, k).await;
             report.destroyed_vms.extend(done.destroyed_vms);

@@ -51,6 +51,9 @@ pub struct VmCandidate {
     pub is_a_snapshot: bool,
     /// A template shipped with the host.
     pub is_default_template: bool,
+    /// A restore is still building it (`xenvault:restoring` in its
+    /// `other_config`, see `restore::inflight`): its disks may be half filled.
+    pub being_restored: bool,
     /// The configuration name of the pool it lives in.
     pub pool: String,
 }
@@ -67,6 +70,9 @@ impl VmCandidate {
             is_a_template: vm.is_a_template,
             is_a_snapshot: vm.is_a_snapshot,
             is_default_template: vm.is_default_template,
+            being_restored: vm
+                .other_config
+                .contains_key(crate::restore::inflight::TAG_RESTORING),
             pool: pool.to_string(),
         }
     }
@@ -110,6 +116,8 @@ pub enum SkipReason {
     Snapshot,
     /// A template.
     Template,
+    /// A restore is still building it.
+    BeingRestored,
     /// A VM of a pool the job does not name.
     OtherPool,
     /// No include rule selects it.
@@ -159,6 +167,9 @@ impl fmt::Display for SkipReason {
             }
             SkipReason::Snapshot => f.write_str("a snapshot, not a VM"),
             SkipReason::Template => f.write_str("a template, not a VM"),
+            SkipReason::BeingRestored => f.write_str(
+                "a restore is still building it (xenvault:restoring): backed up once it is whole",
+            ),
             SkipReason::OtherPool => f.write_str("in a pool this job does not back up"),
             SkipReason::NotSelected => f.write_str("no rule of the job selects it"),
             SkipReason::NotToday { days, today } => {
@@ -519,6 +530,10 @@ pub fn select(job: &JobConfig, candidates: &[VmCandidate], today: Weekday) -> Se
             skipped.push(skip(vm, SkipReason::Template));
             continue;
         }
+        if vm.being_restored {
+            skipped.push(skip(vm, SkipReason::BeingRestored));
+            continue;
+        }
         if !job.pools.contains(&vm.pool) {
             skipped.push(skip(vm, SkipReason::OtherPool));
             continue;
@@ -724,6 +739,7 @@ mod tests {
             is_a_template: false,
             is_a_snapshot: false,
             is_default_template: false,
+            being_restored: false,
             pool: "p".into(),
         }
     }
@@ -772,6 +788,32 @@ mod tests {
                 .all(|s| s.reason.is_never_a_backup_candidate())
         );
         assert!(sel.problems.is_empty(), "{:?}", sel.problems);
+    }
+
+    #[test]
+    fn a_vm_being_restored_is_skipped_until_whole() {
+        let mut job = JobConfig::new("j", vec!["p".into()], "t");
+        job.all_vms = true;
+        let mut building = vm("web01 (restored 20261122T010000Z)", "r");
+        building.being_restored = true;
+        let sel = select(&job, &[building, vm("web01", "w")], Weekday::Monday);
+        assert_eq!(sel.chosen.len(), 1);
+        assert_eq!(sel.chosen[0].uuid, "w");
+        assert_eq!(sel.skipped.len(), 1);
+        assert_eq!(sel.skipped[0].reason, SkipReason::BeingRestored);
+        assert!(
+            sel.skipped[0]
+                .reason
+                .to_string()
+                .contains("xenvault:restoring")
+        );
+        assert!(sel.problems.is_empty(), "{:?}", sel.problems);
+
+        let mut rec = xenvault_xapi::records::Vm::default();
+        assert!(!VmCandidate::from_record("p", &rec).being_restored);
+        rec.other_config
+            .insert("xenvault:restoring".into(), "h/i/r".into());
+        assert!(VmCandidate::from_record("p", &rec).being_restored);
     }
 
     #[test]

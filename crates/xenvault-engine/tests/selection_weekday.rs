@@ -21,6 +21,7 @@ fn vm(name: &str) -> VmCandidate {
         is_a_template: false,
         is_a_snapshot: false,
         is_default_template: false,
+        being_restored: false,
         pool: "prod".to_string(),
     }
 }

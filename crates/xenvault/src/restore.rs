@@ -210,6 +210,9 @@ async fn mark_restore(pool: &mut PoolConnection, config: &Config) {
     for e in &swept.errors {
         eprintln!("warning: leftovers of a restore that died: {e}");
     }
+    for other in &swept.left_alone {
+        tracing::info!("{other}");
+    }
     pool.restoring = Some(mark);
 }
 

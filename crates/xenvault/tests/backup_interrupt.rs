@@ -420,12 +420,12 @@ fn sigterm_stops_a_repository_backup_cleanly_and_exits_143() {
     std::thread::sleep(Duration::from_millis(1100));
 
     slow_streams(&sim);
+    let chunks_before = chunk_objects(&repo_dir);
     let child = spawn_backup(&cfg);
     // Stopped once the run has recorded a resume checkpoint (after storing
     // chunks of its own; the state is written once its snapshot is kept):
     // the snapshot stays for resuming. A stop drops the VM's work where it
     // is, so what was stored after the last checkpoint is read again.
-    let chunks_before = chunk_objects(&repo_dir);
     let state = dir
         .path()
         .join("state/resume/sim/nightly")

@@ -1,10 +1,11 @@
 //! A restore killed with `kill -9` leaves nothing that looks restored (real
 //! binary, real `xapi-sim` process, the upload slowed with the simulator's
 //! `bytes_per_sec` stream fault): what it created carries
-//! `xenvault:restoring=<host>/<run>` from its creation, so the next restore
-//! removes a VM whose disks were half filled, and the next backup run a
-//! half-written VDI, while a restore still running is left alone and ends
-//! with its objects untagged.
+//! `xenvault:restoring=<host>/<state id>/<run>` from its creation, so the
+//! next restore removes a VM whose disks were half filled, and the next
+//! backup run a half-written VDI, while a restore still running is left
+//! alone and ends with its objects untagged, and a run with another state
+//! directory touches neither.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 mod backup_support;
@@ -71,23 +72,23 @@ fn wait_for<T>(what: &str, ready: impl Fn() -> Option<T>) -> T {
     }
 }
 
-/// Waits until the pool has no pending task: the simulator has read what
-/// the killed client had sent (its throttle drains the socket slowly, where
-/// XAPI would at disk speed) and let go of the VDI.
-fn wait_for_the_pool_to_drop_the_upload(pool: &PoolCheck) {
-    wait_for("end of the killed upload", || {
-        let tasks = pool.block_on(async {
-            pool.session()
-                .api::<xenvault_xapi::records::Task>()
-                .get_all_records()
-                .await
-                .unwrap()
-        });
-        tasks
-            .values()
-            .all(|t| t.status != xenvault_xapi::records::TaskStatus::Pending)
-            .then_some(())
+/// The pool's pending tasks (uuids). A killed client's upload task stays
+/// pending until the simulator has read what it had sent (its throttle
+/// drains the socket slowly, where XAPI would at disk speed) and let go of
+/// the VDI.
+fn pending_tasks(pool: &PoolCheck) -> std::collections::BTreeSet<String> {
+    let tasks = pool.block_on(async {
+        pool.session()
+            .api::<xenvault_xapi::records::Task>()
+            .get_all_records()
+            .await
+            .unwrap()
     });
+    tasks
+        .into_values()
+        .filter(|t| t.status == xenvault_xapi::records::TaskStatus::Pending)
+        .map(|t| t.uuid)
+        .collect()
 }
 
 /// The next `import_raw_vdi` upload at `rate` bytes per second.
@@ -121,7 +122,9 @@ fn what_a_killed_restore_made_is_removed_by_the_next_run_and_a_live_one_is_left_
     std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();
-    wait_for_the_pool_to_drop_the_upload(&pool);
+    wait_for("end of the killed upload", || {
+        pending_tasks(&pool).is_empty().then_some(())
+    });
     assert!(tag.starts_with(&format!("{host}/")), "{tag}");
     assert_eq!(tagged(&pool).0, [(dead_vm.clone(), tag.clone())]);
     assert_eq!(pool.counts(), (vms_at_start + 1, vdis_at_start + 1));
@@ -157,28 +160,62 @@ fn what_a_killed_restore_made_is_removed_by_the_next_run_and_a_live_one_is_left_
     assert_eq!(tagged(&pool), (vec![], vec![]), "{xva:?}");
     assert_eq!(pool.counts(), (vms_at_start + 2, vdis_at_start + 2));
 
-    // 2. One disk into a new VDI, killed while it is written: the VDI stays,
-    //    marked.
+    // 2. A restore still running (its own slow upload: 2 MiB at 128 KiB/s,
+    //    about 16 s), started first: its own opening sweep finds nothing.
+    slow_next_upload(&sim, 131_072);
+    let live = spawn_restore(&cfg, &["--disk", "0"]);
+    let (live_vdi, _) = wait_for("VDI being restored", || tagged(&pool).1.into_iter().next());
+
+    // One disk into a new VDI, killed while it is written: the VDI stays,
+    // marked.
+    let pending_before = pending_tasks(&pool);
     slow_next_upload(&sim, 1_048_576);
     let mut child = spawn_restore(&cfg, &["--disk", "0"]);
-    let (dead_vdi, _) = wait_for("VDI being restored", || tagged(&pool).1.into_iter().next());
+    let (dead_vdi, _) = wait_for("second VDI being restored", || {
+        tagged(&pool).1.into_iter().find(|(u, _)| *u != live_vdi)
+    });
     std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();
-    wait_for_the_pool_to_drop_the_upload(&pool);
+    wait_for("end of the killed upload", || {
+        pending_tasks(&pool)
+            .is_subset(&pending_before)
+            .then_some(())
+    });
     assert!(vdi_exists(&pool, &dead_vdi));
 
-    // A restore still running meanwhile (its own slow upload: 2 MiB at
-    // 256 KiB/s, about 8 s)…
-    slow_next_upload(&sim, 262_144);
-    let live = spawn_restore(&cfg, &["--disk", "0"]);
-    let (live_vdi, _) = wait_for("second VDI being restored", || {
-        tagged(&pool).1.into_iter().find(|(u, _)| *u != dead_vdi)
-    });
+    // A backup run from another state directory leaves both alone: neither
+    // run lock is its to judge.
+    let elsewhere = dir.path().join("elsewhere.toml");
+    std::fs::write(
+        &elsewhere,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("state-dir = \"{}\"", dir.path().join("state").display()),
+            &format!("state-dir = \"{}\"", dir.path().join("state-2").display()),
+        ),
+    )
+    .unwrap();
+    let other = xenvault(&[
+        "backup",
+        "nightly",
+        "--config",
+        elsewhere.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(other.code, 0, "{other:?}");
+    assert!(vdi_exists(&pool, &dead_vdi), "{other:?}");
+    assert!(vdi_exists(&pool, &live_vdi), "{other:?}");
 
-    // …and a backup run: it removes the dead restore's VDI only.
+    // A backup run of this state directory removes the dead restore's VDI
+    // only, while the live restore goes on.
     let backup = xenvault(&["backup", "nightly", "--config", c, "--json"]);
     assert_eq!(backup.code, 0, "{backup:?}");
+    assert!(
+        backup
+            .stderr
+            .contains("removed what restores that died left: 0 VM(s), 1 VDI(s)"),
+        "{backup:?}"
+    );
     assert!(!vdi_exists(&pool, &dead_vdi), "{backup:?}");
     assert!(vdi_exists(&pool, &live_vdi), "{backup:?}");
     let mut live = live;

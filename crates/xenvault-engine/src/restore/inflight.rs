@@ -1,20 +1,24 @@
 //! Restores still being built: what a restore creates on a pool carries
-//! `xenvault:restoring=<host>/<run id>` in its `other_config` until it is
-//! whole, so that the objects of a restore that died (`kill -9`, a power
-//! cut) are found and removed by the next restore or backup run on that
-//! host, instead of a VM with half-written disks looking restored.
+//! `xenvault:restoring=<host>/<state id>/<run id>` in its `other_config`
+//! until it is whole, so that the objects of a restore that died (`kill -9`,
+//! a power cut) are found and removed by the next restore or backup run
+//! that uses the same state directory, instead of a VM with half-written
+//! disks looking restored.
 //!
 //! The tag is on the object from its creation: a new VDI gets it in
 //! `VDI.create`, an imported VM in the `ova.xml` it is imported from. It is
 //! removed once the data is in (before the VM is started). While the
-//! restore runs it holds its run lock in the state directory
-//! ([`Journal::begin_run`]); [`sweep`] removes only objects tagged by this
-//! host whose run no longer holds its lock, and leaves the tags of other
-//! hosts alone (their restores may still be running).
+//! restore runs it holds its run lock in its state directory
+//! ([`Journal::begin_run`]), whose id ([`Journal::instance_id`]) the tag
+//! names. [`sweep`] removes only objects whose tag names this host and this
+//! state directory and whose run no longer holds its lock; it leaves alone
+//! the tags of other state directories and hosts (their restores may still
+//! be running), snapshots (restores make none; a backup's snapshot of a VM
+//! being restored copies the tag) and VMs that are not halted.
 
 use std::sync::Arc;
 
-use xenvault_xapi::records::{VdiRef, VmRef};
+use xenvault_xapi::records::{PowerState, VdiRef, VmRef};
 
 use super::connect::PoolConnection;
 use crate::journal::{Journal, JournalError, RunLock};
@@ -34,10 +38,11 @@ pub struct RestoreMark {
 impl RestoreMark {
     /// Starts a restore run: takes its run lock in `journal`'s directory.
     pub fn begin(journal: &Journal) -> Result<Arc<RestoreMark>, JournalError> {
+        let instance = journal.instance_id()?;
         let run_id = crate::job::new_run_id();
         let lock = journal.begin_run(&run_id)?;
         Ok(Arc::new(RestoreMark {
-            value: format!("{}/{run_id}", xenvault_repo::lock::host_name()),
+            value: format!("{}/{instance}/{run_id}", xenvault_repo::lock::host_name()),
             _lock: lock,
         }))
     }
@@ -55,16 +60,19 @@ pub struct InflightSweep {
     pub removed_vms: Vec<String>,
     /// VDIs of dead restores removed (uuid).
     pub removed_vdis: Vec<String>,
-    /// Objects tagged by other hosts, left alone (uuid: tag).
-    pub other_hosts: Vec<String>,
-    /// What could not be removed (retried by the next sweep).
+    /// Tagged objects of other hosts or state directories, left alone.
+    pub left_alone: Vec<String>,
+    /// What could not be removed (retried by the next sweep), and leftovers
+    /// left alone because their VM runs.
     pub errors: Vec<String>,
 }
 
-/// Whether a tag names a restore of this host that is not running.
-fn is_dead_here(value: &str, host: &str, journal: &Journal) -> Option<bool> {
-    let (tag_host, run_id) = value.split_once('/')?;
-    (tag_host == host).then(|| !journal.is_run_alive(run_id))
+/// Whether a tag names a restore of this host and state directory
+/// (`Some`), and then whether it is not running any more (`Some(true)`).
+fn is_dead_here(value: &str, host: &str, instance: &str, journal: &Journal) -> Option<bool> {
+    let mut parts = value.splitn(3, '/');
+    let (tag_host, tag_instance, run_id) = (parts.next()?, parts.next()?, parts.next()?);
+    (tag_host == host && tag_instance == instance).then(|| !journal.is_run_alive(run_id))
 }
 
 /// Removes what restores of this host that died left on the pool: VMs (with
@@ -73,6 +81,13 @@ fn is_dead_here(value: &str, host: &str, journal: &Journal) -> Option<bool> {
 pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
     let host = xenvault_repo::lock::host_name();
     let mut out = InflightSweep::default();
+    let instance = match journal.instance_id() {
+        Ok(id) => id,
+        Err(e) => {
+            out.errors.push(e.to_string());
+            return out;
+        }
+    };
     let session = &pool.session;
     match session.vm().get_all_records().await {
         Ok(vms) => {
@@ -80,7 +95,16 @@ pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
                 let Some(value) = vm.other_config.get(TAG_RESTORING) else {
                     continue;
                 };
-                match is_dead_here(value, &host, journal) {
+                if vm.is_a_snapshot {
+                    continue;
+                }
+                match is_dead_here(value, &host, &instance, journal) {
+                    Some(true) if vm.power_state != PowerState::Halted => {
+                        out.errors.push(format!(
+                            "VM {} ({}): left by a restore that died, but it is {:?}: stop it and remove it by hand if it is not wanted",
+                            vm.uuid, vm.name_label, vm.power_state
+                        ));
+                    }
                     Some(true) => {
                         tracing::warn!(vm = %vm.uuid, "removing a VM left by a restore that died ({value})");
                         match pool.destroy_vm_and_disks(&vm_ref).await {
@@ -89,7 +113,10 @@ pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
                         }
                     }
                     Some(false) => {}
-                    None => out.other_hosts.push(format!("VM {}: {value}", vm.uuid)),
+                    None => out.left_alone.push(format!(
+                        "VM {}: being restored by another host or state directory ({value})",
+                        vm.uuid
+                    )),
                 }
             }
         }
@@ -101,7 +128,10 @@ pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
                 let Some(value) = vdi.other_config.get(TAG_RESTORING) else {
                     continue;
                 };
-                match is_dead_here(value, &host, journal) {
+                if vdi.is_a_snapshot {
+                    continue;
+                }
+                match is_dead_here(value, &host, &instance, journal) {
                     Some(true) => {
                         tracing::warn!(vdi = %vdi.uuid, "removing a VDI left by a restore that died ({value})");
                         match pool.destroy_vdi(&vdi_ref).await {
@@ -110,7 +140,10 @@ pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
                         }
                     }
                     Some(false) => {}
-                    None => out.other_hosts.push(format!("VDI {}: {value}", vdi.uuid)),
+                    None => out.left_alone.push(format!(
+                        "VDI {}: being restored by another host or state directory ({value})",
+                        vdi.uuid
+                    )),
                 }
             }
         }
