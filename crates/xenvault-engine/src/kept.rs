@@ -26,15 +26,23 @@ pub enum Standing {
     JobGone,
     /// Its job now writes to an archive, which needs no base.
     NotRepository,
+    /// Its job no longer backs up the pool it is on.
+    PoolNotInJob,
 }
 
 impl Standing {
-    /// Of a snapshot kept for `job`.
-    pub fn of(config: &Config, job: &str) -> Standing {
+    /// Of a snapshot kept on `pool` for `job`.
+    pub fn of(config: &Config, job: &str, pool: &str) -> Standing {
         match config.job(job) {
             None => Standing::JobGone,
             Some(j) => match config.target(&j.target) {
-                Some(t) if t.kind == TargetKind::Repository => Standing::InUse,
+                Some(t) if t.kind == TargetKind::Repository => {
+                    if j.pools.iter().any(|p| p == pool) {
+                        Standing::InUse
+                    } else {
+                        Standing::PoolNotInJob
+                    }
+                }
                 _ => Standing::NotRepository,
             },
         }
@@ -46,6 +54,7 @@ impl Standing {
             Standing::InUse => "in use by its job",
             Standing::JobGone => "job not in the configuration",
             Standing::NotRepository => "job no longer writes to a repository",
+            Standing::PoolNotInJob => "job no longer backs up this pool",
         }
     }
 }
@@ -87,7 +96,7 @@ impl KeptEntry {
             restore_point: k.restore_point.clone(),
             kept_at: xenvault_repo::manifest::rfc3339(k.kept_at),
             metadata_only: k.metadata_only,
-            standing: Standing::of(config, &k.token.job),
+            standing: Standing::of(config, &k.token.job, &k.token.pool),
         }
     }
 }
@@ -116,7 +125,7 @@ pub fn stale_on_pool(config: &Config, journal: &Journal, pool: &str) -> Vec<Stri
     };
     let mut by_job: std::collections::BTreeMap<&str, (usize, Standing)> = Default::default();
     for k in &kept {
-        let standing = Standing::of(config, &k.token.job);
+        let standing = Standing::of(config, &k.token.job, pool);
         if standing != Standing::InUse {
             by_job.entry(&k.token.job).or_insert((0, standing)).0 += 1;
         }
@@ -128,6 +137,7 @@ pub fn stale_on_pool(config: &Config, journal: &Journal, pool: &str) -> Vec<Stri
                 "{n} snapshot(s) kept for job {job:?}, whose {}; they hold SR space until released: xenvault snapshots release --job {job}",
                 match standing {
                     Standing::JobGone => "name is not in the configuration any more",
+                    Standing::PoolNotInJob => "pools do not include this one any more",
                     _ => "target is not a repository any more",
                 }
             )
@@ -193,8 +203,10 @@ pub async fn release(config: &Config, sel: &ReleaseSelection) -> Result<ReleaseR
                 .is_none_or(|v| k.token.source_vm.eq_ignore_ascii_case(v))
         })
         .collect();
-    let standing = Standing::of(config, &sel.job);
-    if standing == Standing::InUse && !sel.force && !kept.is_empty() {
+    let in_use = kept
+        .iter()
+        .any(|k| Standing::of(config, &sel.job, &k.token.pool) == Standing::InUse);
+    if in_use && !sel.force {
         return Err(JobError::Config(format!(
             "job {:?} still writes to a repository and uses these snapshots as the bases of its next backups; releasing them makes the next backup of each VM a full one. Add --force to release them anyway",
             sel.job
@@ -238,4 +250,39 @@ pub async fn release(config: &Config, sel: &ReleaseSelection) -> Result<ReleaseR
         report.errors.push(e.to_string());
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xenvault_types::config::{JobConfig, TargetConfig};
+
+    #[test]
+    fn standing_follows_the_configuration() {
+        let mut config = Config::default();
+        config
+            .targets
+            .insert("plain".into(), TargetConfig::archive("plain", "/a"));
+        let mut repo = TargetConfig::archive("vault", "/r");
+        repo.kind = TargetKind::Repository;
+        config.targets.insert("vault".into(), repo);
+        config.jobs.insert(
+            "forever".into(),
+            JobConfig::new("forever", vec!["p1".into()], "vault"),
+        );
+        config.jobs.insert(
+            "files".into(),
+            JobConfig::new("files", vec!["p1".into()], "plain"),
+        );
+        assert_eq!(Standing::of(&config, "forever", "p1"), Standing::InUse);
+        assert_eq!(
+            Standing::of(&config, "forever", "p2"),
+            Standing::PoolNotInJob
+        );
+        assert_eq!(
+            Standing::of(&config, "files", "p1"),
+            Standing::NotRepository
+        );
+        assert_eq!(Standing::of(&config, "gone", "p1"), Standing::JobGone);
+    }
 }
