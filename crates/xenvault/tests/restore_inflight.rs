@@ -91,6 +91,13 @@ fn pending_tasks(pool: &PoolCheck) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// Bytes the simulator has received through `import_raw_vdi` so far.
+fn uploaded(sim: &Sim) -> u64 {
+    sim.control_get("stats")["bytes"]["import_raw_vdi"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 /// The next `import_raw_vdi` upload at `rate` bytes per second.
 fn slow_next_upload(sim: &Sim, rate: u64) {
     sim.control(
@@ -148,11 +155,18 @@ fn what_a_killed_restore_made_is_removed_by_the_next_run_and_a_live_one_is_left_
     assert_eq!(pool.counts(), (vms_at_start + 1, vdis_at_start + 1));
 
     // A whole VM as an XVA: imported with the mark, which goes once the
-    // import has succeeded.
+    // import has succeeded. The restore point's default name is taken by
+    // the restore above: this one gets "(2)".
+    let first_name = again.json()["name"].as_str().unwrap().to_string();
     let xva = xenvault(&[
-        "restore", "nightly", "--config", c, "--vm", "vm-01", "--name", "xva copy", "--json",
+        "restore", "nightly", "--config", c, "--vm", "vm-01", "--json",
     ]);
     assert_eq!(xva.code, 0, "{xva:?}");
+    assert_eq!(
+        xva.json()["name"],
+        format!("{first_name} (2)").as_str(),
+        "{xva:?}"
+    );
     assert!(
         !xva.stderr.contains("left by a restore that died"),
         "{xva:?}"
@@ -160,11 +174,18 @@ fn what_a_killed_restore_made_is_removed_by_the_next_run_and_a_live_one_is_left_
     assert_eq!(tagged(&pool), (vec![], vec![]), "{xva:?}");
     assert_eq!(pool.counts(), (vms_at_start + 2, vdis_at_start + 2));
 
-    // 2. A restore still running (its own slow upload: 2 MiB at 128 KiB/s,
-    //    about 16 s), started first: its own opening sweep finds nothing.
-    slow_next_upload(&sim, 131_072);
+    // 2. A restore still running (its own slow upload: 2 MiB at 96 KiB/s,
+    //    about 21 s), started first: its own opening sweep finds nothing.
+    //    Its upload must have taken its fault before the next one is set
+    //    (a stream fault is taken when the stream starts).
+    let uploaded_before = uploaded(&sim);
+    assert!(uploaded_before > 0, "the uploads above are counted");
+    slow_next_upload(&sim, 98_304);
     let live = spawn_restore(&cfg, &["--disk", "0"]);
     let (live_vdi, _) = wait_for("VDI being restored", || tagged(&pool).1.into_iter().next());
+    wait_for("the live upload to start", || {
+        (uploaded(&sim) > uploaded_before).then_some(())
+    });
 
     // One disk into a new VDI, killed while it is written: the VDI stays,
     // marked.

@@ -192,7 +192,9 @@ pub async fn restore_vm(
     }
     let name = match &options.identity {
         VmIdentity::New { name: Some(n) } => n.clone(),
-        VmIdentity::New { name: None } => default_name(&original_name, &point.timestamp),
+        VmIdentity::New { name: None } => {
+            free_name(pool, default_name(&original_name, &point.timestamp)).await?
+        }
         VmIdentity::Preserve { .. } => original_name.clone(),
     };
 
@@ -617,6 +619,33 @@ pub fn default_name(original: &str, timestamp: &str) -> String {
     format!("{original} (restored {timestamp})")
 }
 
+/// `name`, or `"<name> (2)"`, `"<name> (3)"`, … when a VM of the pool has it
+/// already: a second restore of the same restore point gets a name of its
+/// own (backup jobs refuse to tell apart VMs of one name).
+pub(crate) async fn free_name(pool: &PoolConnection, name: String) -> Result<String, RestoreError> {
+    let taken: std::collections::BTreeSet<String> = pool
+        .session
+        .vm()
+        .get_all_records()
+        .await
+        .map_err(|e| RestoreError::xapi("cannot list the pool's VMs", e))?
+        .into_values()
+        .filter(|v| !v.is_a_snapshot)
+        .map(|v| v.name_label)
+        .collect();
+    Ok(next_free_name(&taken, name))
+}
+
+fn next_free_name(taken: &std::collections::BTreeSet<String>, name: String) -> String {
+    if !taken.contains(&name) {
+        return name;
+    }
+    (2u32..)
+        .map(|n| format!("{name} ({n})"))
+        .find(|candidate| !taken.contains(candidate))
+        .unwrap_or(name)
+}
+
 /// Networks of the archive that the pool lacks, matched as XAPI's import
 /// does: by `name_label`, then by `bridge` (xen-api `import.ml`, `Net`).
 pub(crate) async fn missing_networks(
@@ -646,6 +675,20 @@ pub(crate) async fn missing_networks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn taken_names_get_a_number() {
+        let taken: std::collections::BTreeSet<String> =
+            ["web (restored t)", "web (restored t) (2)"]
+                .into_iter()
+                .map(String::from)
+                .collect();
+        assert_eq!(next_free_name(&taken, "db".into()), "db");
+        assert_eq!(
+            next_free_name(&taken, "web (restored t)".into()),
+            "web (restored t) (3)"
+        );
+    }
 
     #[test]
     fn default_names() {

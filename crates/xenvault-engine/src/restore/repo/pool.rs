@@ -25,7 +25,7 @@ use crate::restore::content::blocking_stream;
 use crate::restore::disk::{VdiGuard, create_vdi};
 use crate::restore::rebuild::{blank_disks_xva, measure_ova};
 use crate::restore::vm::{
-    XvaImport, check_identity, default_name, edit_ova, import_xva, missing_networks,
+    XvaImport, check_identity, default_name, edit_ova, free_name, import_xva, missing_networks,
 };
 use crate::restore::{
     Cancel, DiskSelector, ProgressFn, RestoreError, RestorePhase, RestoreProgress, RestoredDisk,
@@ -158,7 +158,9 @@ pub async fn restore_repo_vm(
     let preserve = matches!(options.identity, VmIdentity::Preserve { .. });
     let name = match &options.identity {
         VmIdentity::New { name: Some(n) } => n.clone(),
-        VmIdentity::New { name: None } => default_name(&manifest.vm_name, &manifest.id),
+        VmIdentity::New { name: None } => {
+            free_name(pool, default_name(&manifest.vm_name, &manifest.id)).await?
+        }
         VmIdentity::Preserve { .. } => manifest.vm_name.clone(),
     };
     edit_ova(
