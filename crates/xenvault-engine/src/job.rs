@@ -203,6 +203,11 @@ pub fn state_dir(config: &Config) -> PathBuf {
         .unwrap_or_else(journal::default_state_dir)
 }
 
+/// Opens the journal in the configuration's state directory.
+pub fn open_journal(config: &Config) -> Result<Journal, JobError> {
+    Journal::open(&state_dir(config)).map_err(|e| JobError::Failed(e.to_string()))
+}
+
 /// The job, its target and its pools, or a configuration error.
 pub fn resolve<'c>(
     config: &'c Config,
@@ -366,7 +371,7 @@ async fn connect_all(pools: &[&PoolConfig]) -> Result<Vec<PoolView>, JobError> {
 /// `xenvault plan JOB`: the plan, creating nothing on the pool.
 pub async fn plan_job(config: &Config, job: &str, today: Weekday) -> Result<BackupPlan, JobError> {
     let (job_cfg, pools) = resolve(config, job)?;
-    let journal = Journal::open(&state_dir(config)).map_err(|e| JobError::Failed(e.to_string()))?;
+    let journal = open_journal(config)?;
     let views = connect_all(&pools).await?;
     let plan = plan::build(config, job_cfg, &views, &journal, today, None)
         .await
@@ -469,8 +474,7 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
         _ => target_dir.display().to_string(),
     };
     let report_dir = report_root(config, job_cfg);
-    let state = state_dir(config);
-    let journal = Journal::open(&state).map_err(|e| JobError::Failed(e.to_string()))?;
+    let journal = open_journal(config)?;
     let run_id = new_run_id();
     let _job_lock = journal
         .lock_job(&job_cfg.name, &run_id)
@@ -535,8 +539,7 @@ pub async fn run_job(config: &Config, job: &str, options: RunOptions) -> Result<
                 .push(format!("pool {}: leftover sweep: {e}", v.name)),
         }
         // What restores of this host that died left (restore::inflight).
-        let pool_connection = crate::restore::PoolConnection::from_session(v.session.clone()).await;
-        let swept = crate::restore::inflight::sweep(&pool_connection, &journal).await;
+        let swept = crate::restore::inflight::sweep(&v.session, &journal).await;
         if !swept.removed_vms.is_empty() || !swept.removed_vdis.is_empty() {
             tracing::warn!(
                 "pool {}: removed what restores that died left: {} VM(s), {} VDI(s)",

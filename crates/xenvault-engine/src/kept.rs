@@ -13,7 +13,7 @@
 use serde::Serialize;
 use xenvault_types::config::{Config, TargetKind};
 
-use crate::job::{JobError, connect_pool, new_run_id, state_dir};
+use crate::job::{JobError, connect_pool, new_run_id, open_journal};
 use crate::journal::{self, Journal, KeepRole, KeptSnapshot};
 
 /// Whether the configuration still wants a kept snapshot.
@@ -101,13 +101,9 @@ impl KeptEntry {
     }
 }
 
-fn journal_of(config: &Config) -> Result<Journal, JobError> {
-    Journal::open(&state_dir(config)).map_err(|e| JobError::Failed(e.to_string()))
-}
-
 /// Every snapshot the journal keeps, on every pool, oldest first.
 pub fn list(config: &Config) -> Result<Vec<KeptEntry>, JobError> {
-    let journal = journal_of(config)?;
+    let journal = open_journal(config)?;
     let kept = journal
         .kept(None)
         .map_err(|e| JobError::Failed(e.to_string()))?;
@@ -180,7 +176,7 @@ pub struct ReleaseReport {
 /// the job meanwhile), connects to each pool concerned and destroys each
 /// snapshot and its VDIs by UUID and token tag.
 pub async fn release(config: &Config, sel: &ReleaseSelection) -> Result<ReleaseReport, JobError> {
-    let journal = journal_of(config)?;
+    let journal = open_journal(config)?;
     // No run of the job meanwhile (a dry run changes nothing: no lock).
     let _job_lock = if sel.dry_run {
         None

@@ -186,9 +186,9 @@ async fn connect(args: &RestoreArgs, config: &Config) -> anyhow::Result<PoolConn
 /// `xenvault_engine::restore::inflight`). Without a usable state directory
 /// the restore goes on unmarked, and says so.
 async fn mark_restore(pool: &mut PoolConnection, config: &Config) {
-    let dir = xenvault_engine::job::state_dir(config);
-    let marked = xenvault_engine::journal::Journal::open(&dir).and_then(|journal| {
-        let mark = inflight::RestoreMark::begin(&journal)?;
+    let marked = xenvault_engine::job::open_journal(config).and_then(|journal| {
+        let mark = inflight::RestoreMark::begin(&journal)
+            .map_err(|e| xenvault_engine::job::JobError::Failed(e.to_string()))?;
         Ok((journal, mark))
     });
     let (journal, mark) = match marked {
@@ -200,7 +200,7 @@ async fn mark_restore(pool: &mut PoolConnection, config: &Config) {
             return;
         }
     };
-    let swept = inflight::sweep(pool, &journal).await;
+    let swept = inflight::sweep(&pool.session, &journal).await;
     for uuid in &swept.removed_vms {
         eprintln!("removed VM {uuid} (and its disks), left by a restore that died");
     }

@@ -12,7 +12,6 @@
 
 mod backup_support;
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -377,29 +376,13 @@ fn sigterm_stops_a_repository_backup_cleanly_and_exits_143() {
     let uuid = vm_uuid(&pool);
     let dir = tempfile::tempdir().unwrap();
     // CBT on: the next run can resume from a checkpoint of the stopped one.
-    let cfg = write_config(&sim, dir.path(), "all-vms = true\ncbt = \"enable\"", "");
-    let pw = dir.path().join("repo.password");
-    std::fs::write(&pw, format!("{REPO_PASSWORD}\n")).unwrap();
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "[targets.archive]\n",
-        &format!(
-            "[targets.archive]\ntype = \"repository\"\npassword-file = \"{}\"\n",
-            pw.display()
-        ),
+    let cfg = backup_support::write_repository_config(
+        &sim,
+        dir.path(),
+        "all-vms = true\ncbt = \"enable\"",
+        Some(REPO_PASSWORD),
     );
-    std::fs::write(&cfg, &text).unwrap();
     let repo_dir = dir.path().join("archive");
-    let init = backup_support::xenvault(&[
-        "repo",
-        "init",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--target",
-        "archive",
-        "--encrypt",
-    ]);
-    assert_eq!(init.code, 0, "{init:?}");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

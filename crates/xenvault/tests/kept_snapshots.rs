@@ -46,7 +46,7 @@ fn bases_of_a_removed_job_are_named_and_released() {
     let sim = Sim::start(&["--vms", "2", "--disk-size", "8M", "--written", "40%"]);
     let pool = PoolCheck::new(&sim);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_repository_config(&sim, dir.path(), "all-vms = true\ncbt = \"enable\"");
+    let cfg = write_repository_config(&sim, dir.path(), "all-vms = true\ncbt = \"enable\"", None);
     let text = std::fs::read_to_string(&cfg).unwrap();
     assert_eq!(
         snapshots(&cfg, &["list"]).stdout.trim(),

@@ -111,7 +111,7 @@ fn what_a_killed_restore_made_is_removed_by_the_next_run_and_a_live_one_is_left_
     let sim = Sim::start(&["--vms", "1", "--disk-size", "4M", "--written", "50%"]);
     let pool = PoolCheck::new(&sim);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_repository_config(&sim, dir.path(), "names = [\"vm-01\"]");
+    let cfg = write_repository_config(&sim, dir.path(), "names = [\"vm-01\"]", None);
     let c = cfg.to_str().unwrap();
     let backup = xenvault(&["backup", "nightly", "--config", c, "--json"]);
     assert_eq!(backup.code, 0, "{backup:?}");

@@ -120,62 +120,13 @@ impl PoolConnection {
     /// Removes a VM and its disks (halting it first if it runs). Returns what
     /// could not be removed.
     pub async fn destroy_vm_and_disks(&self, vm: &VmRef) -> Result<(), String> {
-        let record = match self.session.vm().get_record(vm).await {
-            Ok(r) => r,
-            Err(e) if e.is_code(&xenvault_xapi::error::ErrorCode::HandleInvalid) => return Ok(()),
-            Err(e) => return Err(format!("VM {vm}: {e}")),
-        };
-        let mut problems = Vec::new();
-        let mut vdis = Vec::new();
-        for vbd in &record.vbds {
-            match self.session.vbd().get_record(vbd).await {
-                Ok(v) if v.type_ == VbdType::Disk && !v.empty && !v.vdi.is_null() => {
-                    vdis.push(v.vdi)
-                }
-                Ok(_) => {}
-                Err(e) => problems.push(format!("VBD {vbd}: {e}")),
-            }
-        }
-        if record.power_state != PowerState::Halted
-            && let Err(e) = self.session.vm().hard_shutdown(vm).await
-        {
-            problems.push(format!("VM {} shutdown: {e}", record.uuid));
-        }
-        if let Err(e) = self.session.vm().destroy(vm).await {
-            problems.push(format!("VM {}: {e}", record.uuid));
-        }
-        for vdi in vdis {
-            if let Err(e) = self.destroy_vdi(&vdi).await {
-                problems.push(e);
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
+        destroy_vm_and_disks(&self.session, vm).await
     }
 
     /// Destroys a VDI, retrying a few times while it is still in use (a VBD
     /// of an import may linger for a moment).
     pub async fn destroy_vdi(&self, vdi: &VdiRef) -> Result<(), String> {
-        let mut last = String::new();
-        for attempt in 0..5 {
-            match self.session.vdi().destroy(vdi).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_code(&xenvault_xapi::error::ErrorCode::HandleInvalid) => {
-                    return Ok(());
-                }
-                Err(e) => {
-                    last = e.to_string();
-                    if !e.is_code(&xenvault_xapi::error::ErrorCode::VdiInUse) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
-                }
-            }
-        }
-        Err(format!("VDI {vdi}: {last}"))
+        destroy_vdi(&self.session, vdi).await
     }
 
     /// After a failed import: removes the VMs and VDIs XAPI marked as made by
@@ -299,4 +250,63 @@ impl RestoreErrorSource {
             },
         }
     }
+}
+
+/// Removes a VM and its disks (halting it first if it runs). Returns what
+/// could not be removed.
+pub async fn destroy_vm_and_disks(session: &Session, vm: &VmRef) -> Result<(), String> {
+    let record = match session.vm().get_record(vm).await {
+        Ok(r) => r,
+        Err(e) if e.is_code(&xenvault_xapi::error::ErrorCode::HandleInvalid) => return Ok(()),
+        Err(e) => return Err(format!("VM {vm}: {e}")),
+    };
+    let mut problems = Vec::new();
+    let mut vdis = Vec::new();
+    for vbd in &record.vbds {
+        match session.vbd().get_record(vbd).await {
+            Ok(v) if v.type_ == VbdType::Disk && !v.empty && !v.vdi.is_null() => vdis.push(v.vdi),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("VBD {vbd}: {e}")),
+        }
+    }
+    if record.power_state != PowerState::Halted
+        && let Err(e) = session.vm().hard_shutdown(vm).await
+    {
+        problems.push(format!("VM {} shutdown: {e}", record.uuid));
+    }
+    if let Err(e) = session.vm().destroy(vm).await {
+        problems.push(format!("VM {}: {e}", record.uuid));
+    }
+    for vdi in vdis {
+        if let Err(e) = destroy_vdi(session, &vdi).await {
+            problems.push(e);
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Destroys a VDI, retrying a few times while it is still in use (a VBD
+/// of an import may linger for a moment).
+pub async fn destroy_vdi(session: &Session, vdi: &VdiRef) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..5 {
+        match session.vdi().destroy(vdi).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_code(&xenvault_xapi::error::ErrorCode::HandleInvalid) => {
+                return Ok(());
+            }
+            Err(e) => {
+                last = e.to_string();
+                if !e.is_code(&xenvault_xapi::error::ErrorCode::VdiInUse) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
+            }
+        }
+    }
+    Err(format!("VDI {vdi}: {last}"))
 }

@@ -20,11 +20,13 @@ use std::sync::Arc;
 
 use xenvault_xapi::records::{PowerState, VdiRef, VmRef};
 
-use super::connect::PoolConnection;
+use xenvault_xapi::session::Session;
+
+use super::connect::{PoolConnection, destroy_vdi, destroy_vm_and_disks};
 use crate::journal::{Journal, JournalError, RunLock};
 
 /// `other_config` key on an object a restore is still building (value:
-/// `<host>/<run id>`).
+/// `<host>/<state id>/<run id>`).
 pub const TAG_RESTORING: &str = "xenvault:restoring";
 
 /// A running restore's mark: the tag value, and its run lock (held while
@@ -78,7 +80,7 @@ fn is_dead_here(value: &str, host: &str, instance: &str, journal: &Journal) -> O
 /// Removes what restores of this host that died left on the pool: VMs (with
 /// their disks) and VDIs tagged [`TAG_RESTORING`] by a run whose lock in
 /// `journal`'s directory is free.
-pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
+pub async fn sweep(session: &Session, journal: &Journal) -> InflightSweep {
     let host = xenvault_repo::lock::host_name();
     let mut out = InflightSweep::default();
     let instance = match journal.instance_id() {
@@ -88,7 +90,6 @@ pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
             return out;
         }
     };
-    let session = &pool.session;
     match session.vm().get_all_records().await {
         Ok(vms) => {
             for (vm_ref, vm) in vms {
@@ -107,7 +108,7 @@ pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
                     }
                     Some(true) => {
                         tracing::warn!(vm = %vm.uuid, "removing a VM left by a restore that died ({value})");
-                        match pool.destroy_vm_and_disks(&vm_ref).await {
+                        match destroy_vm_and_disks(session, &vm_ref).await {
                             Ok(()) => out.removed_vms.push(vm.uuid),
                             Err(e) => out.errors.push(e),
                         }
@@ -134,7 +135,7 @@ pub async fn sweep(pool: &PoolConnection, journal: &Journal) -> InflightSweep {
                 match is_dead_here(value, &host, &instance, journal) {
                     Some(true) => {
                         tracing::warn!(vdi = %vdi.uuid, "removing a VDI left by a restore that died ({value})");
-                        match pool.destroy_vdi(&vdi_ref).await {
+                        match destroy_vdi(session, &vdi_ref).await {
                             Ok(()) => out.removed_vdis.push(vdi.uuid),
                             Err(e) => out.errors.push(e),
                         }

@@ -58,23 +58,40 @@ pub fn xenvault(args: &[&str]) -> Out {
     }
 }
 
-/// A configuration (see [`write_config`]) whose target `archive` is a plain
-/// repository, created with `xenvault repo init`.
-pub fn write_repository_config(sim: &Sim, dir: &Path, job_lines: &str) -> std::path::PathBuf {
+/// A configuration (see [`write_config`]) whose target `archive` is a
+/// repository, created with `xenvault repo init`: encrypted with `password`
+/// (in `repo.password`, chmod 600) when given, else plain.
+pub fn write_repository_config(
+    sim: &Sim,
+    dir: &Path,
+    job_lines: &str,
+    password: Option<&str>,
+) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
     let cfg = write_config(sim, dir, job_lines, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "[targets.archive]\n",
-        "[targets.archive]\ntype = \"repository\"\n",
-    );
+    let mut target = "[targets.archive]\ntype = \"repository\"\n".to_string();
+    if let Some(password) = password {
+        let pw = dir.join("repo.password");
+        std::fs::write(&pw, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        target.push_str(&format!("password-file = \"{}\"\n", pw.display()));
+    }
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[targets.archive]\n", &target);
     std::fs::write(&cfg, text).unwrap();
-    let init = xenvault(&[
+    let mut init = vec![
         "repo",
         "init",
         "--config",
         cfg.to_str().unwrap(),
         "--target",
         "archive",
-    ]);
+    ];
+    if password.is_some() {
+        init.push("--encrypt");
+    }
+    let init = xenvault(&init);
     assert_eq!(init.code, 0, "{init:?}");
     cfg
 }
